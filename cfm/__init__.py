@@ -1,0 +1,1 @@
+"""cfm: multimodal cancer foundation models in JAX."""

@@ -1,0 +1,78 @@
+"""Checks a DINO config before any work starts; every error names the offending key.
+
+Unknown keys on the command line are rejected by ml_collections' config flags themselves
+(`--config.modle.variant=...` fails with the key in the message); this module checks values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cfm.models import vit
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key."""
+
+
+def _check(cond: bool, key: str, value, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_dino(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for the first value that cannot work."""
+    g = lambda k: _get(config, k)  # noqa: E731
+    positive_ints = ["batch_size", "steps_per_epoch", "epochs", "crops.global_size",
+                     "crops.local_size", "head.n_prototypes", "head.hidden_dim",
+                     "head.bottleneck_dim", "head.n_layers", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "model.img_size"]
+    for k in positive_ints:
+        _check(isinstance(g(k), int) and g(k) > 0, k, g(k), "must be a positive integer")
+    for k in ["crops.n_local", "model.num_registers", "data.worker_count"]:
+        _check(isinstance(g(k), int) and g(k) >= 0, k, g(k), "must be an integer >= 0")
+    _check(g("total_steps") == -1 or g("total_steps") > 0, "total_steps", g("total_steps"),
+           "must be -1 (epochs * steps_per_epoch) or positive")
+    _check(g("model.variant") in vit.VARIANTS, "model.variant", g("model.variant"),
+           f"choose one of {sorted(vit.VARIANTS)}")
+    patch = vit.VARIANTS[g("model.variant")][-1]
+    for k in ["crops.global_size", "crops.local_size", "model.img_size"]:
+        _check(g(k) % patch == 0, k, g(k), f"must be a multiple of the patch size {patch}")
+    _check(g("model.ffn") in ("mlp", "swiglu"), "model.ffn", g("model.ffn"), "use mlp or swiglu")
+    _check(g("model.dtype") in ("float32", "bfloat16", "float16"), "model.dtype",
+           g("model.dtype"), "use float32, bfloat16 or float16")
+    _check(0 <= g("model.drop_path_rate") < 1, "model.drop_path_rate", g("model.drop_path_rate"),
+           "must be in [0, 1)")
+    _check(g("ssl.centering") in ("softmax", "sinkhorn_knopp"), "ssl.centering",
+           g("ssl.centering"), "use softmax or sinkhorn_knopp")
+    _check(g("ssl.regulariser") in ("koleo", "kde", "none"), "ssl.regulariser",
+           g("ssl.regulariser"), "use koleo, kde or none")
+    for k in ["ssl.student_temp", "ssl.teacher_temp", "ssl.warmup_teacher_temp",
+              "ssl.kde_concentration", "optim.base_lr"]:
+        _check(g(k) > 0, k, g(k), "must be > 0")
+    for k in ["ssl.center_momentum", "ssl.momentum_teacher", "ssl.final_momentum_teacher",
+              "optim.b1", "optim.b2", "ibot.mask_sample_probability", "augment.hflip",
+              "augment.vflip", "augment.color_jitter", "augment.grayscale", "augment.solarize"]:
+        _check(0 <= g(k) <= 1, k, g(k), "must be in [0, 1]")
+    lo, hi = g("ibot.mask_ratio_min_max")
+    _check(0 <= lo <= hi <= 1, "ibot.mask_ratio_min_max", (lo, hi), "need 0 <= min <= max <= 1")
+    for k in ["crops.global_scale", "crops.local_scale"]:
+        lo, hi = g(k)
+        _check(0 < lo <= hi <= 1, k, (lo, hi), "need 0 < min <= max <= 1")
+    _check(len(g("augment.blur")) == 3, "augment.blur", g("augment.blur"),
+           "three probabilities: global crop 1, global crop 2, local crops")
+    _check(g("data.source") in ("synthetic", "folder"), "data.source", g("data.source"),
+           "use synthetic or folder")
+    if g("data.source") == "folder":
+        _check(bool(g("data.path")), "data.path", g("data.path"), "set the folder of tiles")
+    _check(g("optim.lr_scaling") in ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+           "optim.lr_scaling", g("optim.lr_scaling"), "use sqrt_wrt_1024, linear_wrt_256 or none")
+    _check(g("optim.warmup_epochs") <= g("epochs"), "optim.warmup_epochs",
+           g("optim.warmup_epochs"), f"longer than the run ({g('epochs')} epochs)")

@@ -1,0 +1,1 @@
+"""Input pipelines (grain): sources, multi-crop augmentation, batching. Know nothing of models."""

@@ -1,0 +1,122 @@
+"""Random-access image sources for grain: `len(source)` and `source[i]` -> uint8 RGB [H, W, 3].
+
+`SyntheticSource` draws H&E-like tiles procedurally (tests, smoke runs, no data needed);
+`FolderSource` reads a folder of tile images. Both are cheap to pickle for grain's worker
+processes: they hold only sizes, seeds and file names.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+# Approximate RGB of H&E stains: eosin-pink cytoplasm/stroma, haematoxylin-purple nuclei.
+_EOSIN = np.array([236.0, 178.0, 206.0], np.float32)
+_STROMA = np.array([214.0, 120.0, 170.0], np.float32)
+_NUCLEUS = np.array([92.0, 58.0, 140.0], np.float32)
+
+
+class SyntheticSource:
+    """`size` deterministic H&E-like RGB images of `image_size` pixels, image i seeded by (seed, i).
+
+    Each image has a smoothly varying pink background, a few wavy stroma streaks and elliptical
+    purple nuclei whose number, size and clustering vary per image, so crops of one image share
+    texture and colour statistics that self-supervised learning can pick up.
+    """
+
+    def __init__(self, size: int, image_size: int, seed: int):
+        if size < 1 or image_size < 8:
+            raise ValueError(f"SyntheticSource needs size >= 1 and image_size >= 8, got "
+                             f"{size}, {image_size} (data.synthetic_size / synthetic_image_size)")
+        self.size, self.image_size, self.seed = int(size), int(image_size), int(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"SyntheticSource index {index} out of range [0, {self.size})")
+        rng = np.random.default_rng([self.seed, index])
+        s = self.image_size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        # Background: eosin with low-frequency shading (coarse noise, bicubic-upsampled).
+        coarse = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8), "L")
+        shade = np.asarray(coarse.resize((s, s), Image.Resampling.BICUBIC), np.float32) / 255.0
+        img = _EOSIN * (0.85 + 0.15 * shade[..., None])
+        # Stroma: a few wavy bands along a random direction.
+        theta, period, phase = rng.uniform(0, np.pi), rng.uniform(0.15, 0.5), rng.uniform(0, 6.3)
+        along = xx * np.cos(theta) + yy * np.sin(theta)
+        across = -xx * np.sin(theta) + yy * np.cos(theta)
+        wave = np.sin(2 * np.pi * (along / period) + 3.0 * np.sin(2 * np.pi * across) + phase)
+        streak = np.clip((wave - rng.uniform(0.3, 0.8)) * 3.0, 0.0, 1.0)[..., None]
+        streak = streak.astype(np.float32)
+        img = img * (1 - 0.7 * streak) + _STROMA * 0.7 * streak
+        # Nuclei: ellipses drawn on a coverage mask, half clustered around a few centres.
+        n = int(rng.integers(5, 45) * (s / 64) ** 2 * rng.uniform(0.5, 1.5))
+        radius = s * rng.uniform(0.015, 0.04)
+        centres = rng.random((int(rng.integers(1, 4)), 2))
+        pos = np.where(rng.random((n, 1)) < 0.5,
+                       centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.12, (n, 2)),
+                       rng.random((n, 2))) * s
+        radii = radius * rng.uniform(0.6, 1.4, (n, 2))
+        mask = Image.new("L", (s, s), 0)
+        draw = ImageDraw.Draw(mask)
+        for (x, y), (rx, ry), tone in zip(pos, radii, rng.uniform(150, 255, n)):
+            draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=int(tone))
+        nuclei = np.asarray(mask.filter(ImageFilter.GaussianBlur(0.6)), np.float32)[..., None] / 255
+        img = img * (1 - nuclei) + _NUCLEUS * nuclei
+        img += 4.0 * rng.standard_normal(img.shape, np.float32)  # sensor noise, ~4 grey levels
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class FolderSource:
+    """Every .png/.jpg/.jpeg/.tif/.tiff under `path` (recursively, sorted), read as uint8 RGB.
+
+    Grayscale and palette images are converted to RGB; transparent ones are composited on white.
+    """
+
+    def __init__(self, path: str):
+        path = os.fspath(path)
+        if not path or not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"data.path={path!r} is not a folder; point --config.data.path at a folder of "
+                "image tiles (for the demo: python -m data_prep.demo_tiles --out THAT_FOLDER)")
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+        if not files:
+            raise ValueError(
+                f"data.path={path!r} holds no {'/'.join(IMAGE_SUFFIXES)} files (searched "
+                "recursively); put image tiles there or point --config.data.path elsewhere")
+        self.path = path
+        self.files = sorted(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        name = self.files[int(index)]
+        try:
+            with Image.open(name) as img:
+                img.load()
+                if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                    rgba = img.convert("RGBA")
+                    img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    img.alpha_composite(rgba)
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt files
+            raise ValueError(f"cannot read image {name!r} ({e}); delete or re-export it") from e
+
+
+def make_source(data_cfg, seed: int):
+    """The source `data_cfg.source` names: "synthetic" or "folder" (reads `data_cfg.path`)."""
+    if data_cfg.source == "synthetic":
+        return SyntheticSource(data_cfg.synthetic_size, data_cfg.synthetic_image_size, seed)
+    if data_cfg.source == "folder":
+        return FolderSource(data_cfg.path)
+    raise ValueError(f"data.source={data_cfg.source!r} is not supported; use 'synthetic' or "
+                     "'folder'")

@@ -1,0 +1,56 @@
+"""Analytic model FLOPs of a DINOv2 training step (matmuls only, 2 FLOPs per multiply-add).
+
+Used by the benchmark (against XLA's cost analysis, to catch wasted compute) and for MFU. The
+count: student forward + backward on every crop (backward = 2x forward, except the patch
+embedding, whose input needs no gradient: 1x), teacher forward on the global crops only, and the
+heads on exactly the rows the step feeds them (CLS rows and the fixed-size masked-token buffer).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cfm.models import vit
+
+
+def vit_forward_flops(variant: str, crop: int, num_registers: int = 0, ffn: str = "mlp"
+                      ) -> tuple[float, float]:
+    """(patch-embedding FLOPs, transformer-block FLOPs) of one forward pass of one image."""
+    s = vit.spec(variant)
+    n = (crop // s.patch) ** 2
+    t = n + 1 + num_registers
+    d = s.width
+    embed = 2.0 * n * (s.patch * s.patch * 3) * d
+    attn = 2.0 * t * d * 3 * d + 2.0 * 2 * t * t * d + 2.0 * t * d * d
+    if ffn == "mlp":
+        mlp = 2.0 * 2 * t * d * s.mlp_dim
+    else:
+        h = vit.swiglu_hidden(s.mlp_dim)
+        mlp = 2.0 * t * d * 2 * h + 2.0 * t * h * d
+    return embed, s.depth * (attn + mlp)
+
+
+def head_flops_per_row(config: ml_collections.ConfigDict) -> float:
+    """FLOPs of one DINO head forward for one row (MLP + prototypes)."""
+    h = config.head
+    d = vit.spec(config.model.variant).width
+    dims = [d] + [h.hidden_dim] * (h.n_layers - 1) + [h.bottleneck_dim]
+    mlp = sum(2.0 * a * b for a, b in zip(dims[:-1], dims[1:]))
+    return mlp + 2.0 * h.bottleneck_dim * h.n_prototypes
+
+
+def dino_step_flops(config: ml_collections.ConfigDict, buffer_size: int) -> dict[str, float]:
+    """Model FLOPs of one training step on the global batch, by part, and their total."""
+    m, c, b = config.model, config.crops, config.batch_size
+    g_embed, g_blocks = vit_forward_flops(m.variant, c.global_size, m.num_registers, m.ffn)
+    l_embed, l_blocks = vit_forward_flops(m.variant, c.local_size, m.num_registers, m.ffn)
+    n_g, n_l = 2 * b, c.n_local * b
+    head = head_flops_per_row(config)
+    parts = {
+        "student_backbone": n_g * (2 * g_embed + 3 * g_blocks) + n_l * (2 * l_embed + 3 * l_blocks),
+        "student_heads": 3 * head * (n_g + n_l + buffer_size),
+        "teacher_backbone": n_g * (g_embed + g_blocks),
+        "teacher_heads": head * (n_g + buffer_size),
+    }
+    parts["total"] = sum(parts.values())
+    return parts

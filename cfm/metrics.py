@@ -1,0 +1,116 @@
+"""Where training metrics go: a readable console line, TensorBoard event files, a JSONL history
+and a loss-curve PNG in the workdir. Only process 0 writes; other processes get a silent writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+    """Console + TensorBoard (tensorboardX) + metrics.jsonl + loss_curve.png."""
+
+    def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True):
+        self.workdir = workdir
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.enabled = enabled
+        self._tb = None
+        self._last_time: float | None = None
+        self._last_step: int | None = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def start_clock(self, step: int) -> None:
+        """Mark the step from which throughput and ETA are measured (after compilation)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> dict:
+        """Log `scalars` at `step` (the number of completed steps); adds images/s and ETA."""
+        now = time.perf_counter()
+        out = {k: float(v) for k, v in scalars.items()}
+        if self._last_time is not None and step > self._last_step:
+            sec_per_step = (now - self._last_time) / (step - self._last_step)
+            out["images_per_s"] = self.batch_size / sec_per_step
+            out["eta_s"] = sec_per_step * (self.total_steps - step)
+        self._last_time, self._last_step = now, step
+        if not self.enabled:
+            return out
+        for k, v in out.items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+        self._jsonl.write(json.dumps({"step": step, **out}) + "\n")
+        self._jsonl.flush()
+        print(self.console_line(step, out), flush=True)
+        return out
+
+    def console_line(self, step: int, out: Mapping[str, float]) -> str:
+        width = len(str(self.total_steps))
+        parts = [f"step {step:>{width}}/{self.total_steps}"]
+        for k, v in out.items():
+            if k in ("images_per_s", "eta_s"):
+                continue
+            parts.append(f"{k} {v:.4g}")
+        if "images_per_s" in out:
+            parts.append(f"{out['images_per_s']:.1f} img/s")
+            parts.append(f"eta {_fmt_duration(out['eta_s'])}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+            plot_loss_curve(self.workdir)
+
+
+def read_history(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(workdir: str, keys: tuple[str, ...] = ("loss", "dino", "ibot", "koleo", "kde")
+                    ) -> str | None:
+    """Write workdir/loss_curve.png from metrics.jsonl; returns its path (None if no history)."""
+    history = read_history(workdir)
+    if not history:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key in keys:
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            xs, ys = np.asarray(pts).T
+            ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training losses — {os.path.basename(os.path.abspath(workdir))}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss_curve.png")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

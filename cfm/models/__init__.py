@@ -1,0 +1,1 @@
+"""Model definitions: small files, each with a variant table where it has sizes."""

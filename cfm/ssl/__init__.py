@@ -1,0 +1,1 @@
+"""Self-supervised objectives: losses, regularisers, teacher centering, masking. Know nothing of files or models."""

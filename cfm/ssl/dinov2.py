@@ -1,0 +1,123 @@
+"""The DINOv2 objective (Oquab et al. 2023): DINO on CLS tokens + iBOT on masked patches + KoLeo
+(or KDE), with an EMA teacher whose outputs are centred by softmax-centering or Sinkhorn-Knopp.
+
+This module wires backbone and heads (passed in as Flax modules) to the losses in
+`cfm.ssl.losses` and `cfm.ssl.centering`; it knows nothing of files, meshes or optimisers.
+Every statistic (centering, Sinkhorn-Knopp, KoLeo neighbours, masked-token buffer) is taken over
+the global batch, so a sharded step computes what a 1-device step computes.
+
+Crop layout: batches are image-major: global crops [B, 2, G, G, 3] (uint8), local crops
+[B, n_local, L, L, 3], masks [B, 2, N]. They are flattened to [B*2, ...] (row 2i+c is crop c of
+image i), which keeps every image's crops on the device that loaded it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cfm.ssl import centering, losses
+
+
+def normalise(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 RGB -> float32, (x/255 - mean) / std per channel."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _heads(params: dict, dino_head: nn.Module, ibot_head: nn.Module | None, cls: jax.Array,
+           patches: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """DINO logits for CLS rows and iBOT logits for patch rows (one call when the head is shared,
+    as DINOv2 does)."""
+    if ibot_head is None:
+        out = dino_head.apply({"params": params["dino_head"]}, jnp.concatenate([cls, patches]))
+        return out[: cls.shape[0]], out[cls.shape[0]:]
+    return (dino_head.apply({"params": params["dino_head"]}, cls),
+            ibot_head.apply({"params": params["ibot_head"]}, patches))
+
+
+def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head: nn.Module,
+              ibot_head: nn.Module | None, buffer_size: int, params: dict, teacher: dict,
+              centers: dict, batch: dict, sched: dict, rng: jax.Array
+              ) -> tuple[jax.Array, dict]:
+    """Total loss and (metrics, new centers) for one global batch.
+
+    buffer_size: static upper bound on masked patches in the batch (DINOv2's `upperbound`);
+    sched: the step's schedule values (`cfm.schedules.all_schedules`).
+    """
+    aug = config.augment
+    gl = batch["global_crops"]
+    b, n_global = gl.shape[:2]
+    n_local = batch["local_crops"].shape[1]
+    g = normalise(gl.reshape((b * n_global,) + gl.shape[2:]), aug.mean, aug.std)
+    masks = batch["masks"].reshape(b * n_global, -1)
+    n_patch = masks.shape[1]
+    temp = sched["teacher_temp"]
+
+    # ---- masked-patch buffer: flat indices of masked patches, padded to a static size -------
+    flat = masks.reshape(-1)
+    n_masked = jnp.sum(flat)
+    (idx,) = jnp.nonzero(flat, size=buffer_size, fill_value=0)
+    valid = jnp.arange(buffer_size) < n_masked
+    per_image = jnp.maximum(jnp.sum(masks, axis=1), 1)
+    weights = jnp.where(valid, 1.0 / per_image[idx // n_patch], 0.0)
+
+    # ---- teacher: global crops only, no masks, no gradient ----------------------------------
+    teacher = jax.lax.stop_gradient(teacher)
+    t_out = backbone.apply({"params": teacher["backbone"]}, g, train=False)
+    t_patch = t_out["patch"].reshape(-1, t_out["patch"].shape[-1])[idx]
+    t_cls_logits, t_ibot_logits = _heads(teacher, dino_head, ibot_head, t_out["cls"], t_patch)
+    new_centers = dict(centers)
+    if config.ssl.centering == "softmax":
+        t_cls = centering.softmax_center(t_cls_logits, centers["dino"], temp)
+        t_ibot = centering.softmax_center(t_ibot_logits, centers["ibot"], temp)
+        m = config.ssl.center_momentum
+        new_centers["dino"] = centering.update_center(centers["dino"], t_cls_logits, m)
+        new_centers["ibot"] = centering.update_center(centers["ibot"], t_ibot_logits, m,
+                                                      weights=valid.astype(jnp.float32))
+    else:
+        it = config.ssl.sinkhorn_iterations
+        t_cls = centering.sinkhorn_knopp(t_cls_logits, temp, it)
+        t_ibot = centering.sinkhorn_knopp(t_ibot_logits, temp, it, valid=valid)
+    t_cls = jax.lax.stop_gradient(t_cls)
+    t_ibot = jax.lax.stop_gradient(t_ibot)
+
+    # ---- student: masked global crops and local crops ---------------------------------------
+    r_global, r_local = jax.random.split(rng)
+    s_g = backbone.apply({"params": params["backbone"]}, g, masks=masks, train=True,
+                         rngs={"dropout": r_global})
+    s_patch = s_g["patch"].reshape(-1, s_g["patch"].shape[-1])[idx]
+    cls_rows = [s_g["cls"]]
+    if n_local:
+        loc = batch["local_crops"]
+        loc = normalise(loc.reshape((b * n_local,) + loc.shape[2:]), aug.mean, aug.std)
+        s_l = backbone.apply({"params": params["backbone"]}, loc, train=True,
+                             rngs={"dropout": r_local})
+        cls_rows.append(s_l["cls"])
+    s_cls_logits, s_ibot_logits = _heads(params, dino_head, ibot_head,
+                                         jnp.concatenate(cls_rows), s_patch)
+    k = s_cls_logits.shape[-1]
+    s_global = s_cls_logits[: b * n_global].reshape(b, n_global, k)
+    s_local = s_cls_logits[b * n_global:].reshape(b, n_local, k)
+
+    # ---- losses -------------------------------------------------------------------------------
+    st = config.ssl.student_temp
+    dino = losses.dino_loss(s_global, s_local, t_cls.reshape(b, n_global, k), st)
+    ibot = losses.ibot_loss(s_ibot_logits, t_ibot, weights, b * n_global, st)
+    cls_by_crop = s_g["cls"].reshape(b, n_global, -1)
+    reg = sum(losses.regulariser(config.ssl.regulariser, cls_by_crop[:, c],
+                                 kde_concentration=config.ssl.kde_concentration)
+              for c in range(n_global))
+    reg_weight = {"koleo": config.ssl.koleo_loss_weight, "kde": config.ssl.kde_loss_weight,
+                  "none": 0.0}[config.ssl.regulariser]
+    total = config.ssl.dino_loss_weight * dino + config.ssl.ibot_loss_weight * ibot \
+        + reg_weight * reg
+    metrics = {"loss": total, "dino": dino, "ibot": ibot, config.ssl.regulariser: reg,
+               "masked_patches": n_masked.astype(jnp.float32)}
+    if config.ssl.regulariser == "none":
+        metrics.pop("none")
+    return total, {"metrics": metrics, "centers": new_centers}

@@ -1,0 +1,254 @@
+"""The cfm trainer: DINOv2-style self-supervised pretraining of a ViT.
+
+    python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run \
+        [--config.key=value ...]
+
+Reads top to bottom: config -> mesh -> models -> sharded state (or the latest checkpoint) ->
+data -> jitted step -> loop (log, checkpoint) -> loss curve. The step is a pure function of
+(state, batch), jitted with explicit shardings on the mesh and donated state buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from cfm import checkpoint, config_check, metrics, optim, schedules
+from cfm.models import heads, vit
+from cfm.parallel import mesh as mesh_lib
+from cfm.ssl import dinov2
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # completed optimiser steps
+    params: Any  # student {backbone, dino_head[, ibot_head]}
+    teacher: Any  # EMA of the student, same tree
+    opt_state: Any
+    centers: Any  # {"dino": [K], "ibot": [K]} softmax-centering buffers
+    rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+class Models(NamedTuple):
+    backbone: nn.Module
+    dino_head: nn.Module
+    ibot_head: nn.Module | None  # None when iBOT shares the DINO head
+
+
+# ================================================================================ models ======
+def build_models(config: ml_collections.ConfigDict) -> Models:
+    m = config.model
+    dtype = jnp.dtype(m.dtype)
+    backbone = vit.ViT(variant=m.variant, img_size=m.img_size, num_registers=m.num_registers,
+                       layerscale_init=m.layerscale_init, drop_path_rate=m.drop_path_rate,
+                       ffn=m.ffn, qkv_bias=m.qkv_bias, dtype=dtype, remat=m.remat,
+                       scan_layers=m.scan_layers)
+    h = config.head
+    make_head = lambda: heads.DINOHead(h.n_prototypes, h.hidden_dim, h.bottleneck_dim,  # noqa
+                                       h.n_layers, dtype)
+    return Models(backbone, make_head(), make_head() if config.ibot.separate_head else None)
+
+
+def _init_params(config, models: Models, rng: jax.Array) -> dict:
+    """Boxed (logically partitioned) student parameters."""
+    s = vit.spec(config.model.variant)
+    g = config.crops.global_size
+    n = (g // s.patch) ** 2
+    r1, r2, r3 = jax.random.split(rng, 3)
+    params = {"backbone": models.backbone.init(
+        r1, jnp.zeros((1, g, g, 3)), masks=jnp.zeros((1, n), bool))["params"]}
+    feat = jnp.zeros((1, s.width))
+    params["dino_head"] = models.dino_head.init(r2, feat)["params"]
+    if models.ibot_head is not None:
+        params["ibot_head"] = models.ibot_head.init(r3, feat)["params"]
+    return params
+
+
+# ================================================================================ state =======
+def create_state(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
+                 ) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
+    """The initial state, created directly in its sharded layout, its shardings, and the
+    optimiser. Parameter shardings come from each parameter's logical axis names and the rules
+    in `cfm.parallel.mesh`."""
+    rng = jax.random.key(config.seed)
+    boxed = jax.eval_shape(functools.partial(_init_params, config, models), rng)
+    logical = nn.get_partition_spec(boxed)
+    param_sh = nn.logical_to_mesh_sharding(logical, mesh, mesh_lib.DEFAULT_RULES)
+    depth = vit.spec(config.model.variant).depth
+    tx = optim.dinov2_adamw(config, nn.meta.unbox(boxed), depth)
+    repl = mesh_lib.replicated(mesh)
+
+    def init(rng):
+        params = nn.meta.unbox(_init_params(config, models, rng))
+        k = config.head.n_prototypes
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          teacher=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                          centers={"dino": jnp.zeros((k,)), "ibot": jnp.zeros((k,))},
+                          rng=jax.random.fold_in(rng, 1))
+
+    abstract = jax.eval_shape(init, rng)
+    opt_sh = jax.tree.map(lambda _: repl, abstract.opt_state)
+    opt_sh = opt_sh._replace(adam=opt_sh.adam._replace(mu=param_sh, nu=param_sh))
+    shardings = TrainState(step=repl, params=param_sh, teacher=param_sh, opt_state=opt_sh,
+                           centers=jax.tree.map(lambda _: repl, abstract.centers), rng=repl)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings, tx
+
+
+# ================================================================================ step ========
+def make_train_step(config: ml_collections.ConfigDict, models: Models,
+                    tx: optax.GradientTransformation, buffer_size: int):
+    """The pure step function (state, batch) -> (state, metrics); jit it with shardings."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        sched = schedules.all_schedules(config, state.step)
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss_fn = functools.partial(dinov2.objective, config, models.backbone, models.dino_head,
+                                    models.ibot_head, buffer_size)
+        (_, aux), grads = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)(
+            state.params, state.teacher, state.centers, batch, sched, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        m = sched["momentum"]
+        teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, state.teacher, params)
+        out = dict(aux["metrics"], grad_norm=optax.tree.norm(grads), lr=sched["lr"],
+                   wd=sched["wd"], momentum=m, teacher_temp=sched["teacher_temp"])
+        return state.replace(step=state.step + 1, params=params, teacher=teacher,
+                             opt_state=opt_state, centers=aux["centers"]), out
+
+    return train_step
+
+
+def jit_train_step(config, models: Models, tx, buffer_size: int, mesh: Mesh,
+                   shardings: TrainState, batch_ndims: dict):
+    step_fn = make_train_step(config, models, tx, buffer_size)
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assemble process-local numpy batches into global arrays split over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
+            for k, v in local.items()}
+
+
+# ================================================================================ train =======
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) pretraining in `workdir`; returns the last logged metrics."""
+    from cfm.data import pipeline  # data apart from models: imported where it is wired in
+
+    # ---- config and mesh ------------------------------------------------------------------
+    config_check.validate_dino(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % n_batch_shards:
+        raise config_check.ConfigError(
+            f"config.batch_size={config.batch_size}: must divide by data*fsdp={n_batch_shards} "
+            f"(mesh {dict(mesh.shape)})")
+    total_steps = config.total_steps if config.total_steps > 0 else schedules.schedule_steps(
+        config)
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        print(f"cfm.train: {config.model.variant}, batch {config.batch_size}, {total_steps} steps,"
+              f" mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s)", flush=True)
+
+    # ---- models and state (fresh, or the latest checkpoint in workdir) ------------------------
+    models = build_models(config)
+    state, shardings, tx = create_state(config, models, mesh)
+    ckpt = checkpoint.manager(workdir, config)
+    restored = checkpoint.restore_latest(ckpt, state)
+    start = 0
+    if restored is not None:
+        state, start = restored
+        if is_main:
+            print(f"cfm.train: resumed from step {start} in {workdir}/checkpoints", flush=True)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
+    if is_main:
+        print(f"cfm.train: backbone {n_params / 1e6:.2f} M parameters", flush=True)
+
+    # ---- data ------------------------------------------------------------------------------
+    patch = vit.spec(config.model.variant).patch
+    buffer_size = pipeline.mask_buffer_size_for(config, patch)
+    batches = pipeline.make_train_iterator(
+        config, patch_size=patch, process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=start)
+
+    # ---- step ------------------------------------------------------------------------------
+    first = next(batches)
+    step_fn = jit_train_step(config, models, tx, buffer_size, mesh, shardings,
+                             {k: v.ndim for k, v in first.items()})
+
+    # ---- loop ------------------------------------------------------------------------------
+    writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main)
+    last: dict = {}
+    pending = None
+    local = first
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+        for step in range(start, total_steps):
+            state, out = step_fn(state, global_batch(local, mesh))
+            done = step + 1
+            if step == start:
+                jax.block_until_ready(out)
+                writer.start_clock(done)  # throughput excludes compilation
+            if done % config.log_every == 0 or done == total_steps:
+                pending = out
+                last = writer.write(done, jax.device_get(pending))
+                if not np.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {done}")
+            if done % config.checkpoint_every == 0 or done == total_steps:
+                checkpoint.save(ckpt, done, state, config, force=done == total_steps)
+            if done < total_steps:
+                local = next(batches)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    writer.close()
+    if is_main:
+        print(f"cfm.train: done at step {total_steps}; workdir {workdir}", flush=True)
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_def = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "configs/<file>.py:<arg>", flag_values=flags_def,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, events and plots go",
+                        flag_values=flags_def)
+    argv = sys.argv if argv is None else argv
+    try:
+        flags_def(argv)
+    except flags.Error as e:
+        print(f"cfm.train: {e}", file=sys.stderr)
+        return 2
+    if flags_def.config is None or flags_def.workdir is None:
+        print("cfm.train: both --config configs/<file>.py:<arg> and --workdir DIR are required",
+              file=sys.stderr)
+        return 2
+    try:
+        train(flags_def.config, flags_def.workdir)
+    except config_check.ConfigError as e:
+        print(f"cfm.train: bad config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""DINOv2-style self-supervised pretraining of a ViT on tiles.
+
+Presets (the `:<arg>` after the file name):
+
+  demo      tiny ViT on tiles cut from scikit-image's real IHC image; the README's first command.
+              pip install -e ".[demo]"
+              python -m data_prep.demo_tiles --out /tmp/cfm_demo/tiles
+              python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run
+            About 6 minutes on 2 CPU cores; the total loss falls from ~10.5 to below 9.5 and the
+            workdir ends with checkpoints, TensorBoard events and loss_curve.png.
+  test      an even smaller model on synthetic images, used by the tests (seconds per step).
+  vit_s16 / vit_b16 / vit_l16 / vit_g14
+            DINOv2's published recipe (Oquab et al. 2023, arXiv:2304.07193; the defaults of
+            facebookresearch/dinov2 `ssl_default_config.yaml`, ViT-g settings from `vitg14.yaml`)
+            on a folder of tiles:
+              python -m cfm.train --config configs/dino_vit.py:vit_l16 --workdir gs://BUCKET/run \
+                  --config.data.source=folder --config.data.path=/data/tiles
+            Reaches DINOv2's reported quality only at full scale (pods; see issue 4).
+  uni       UNI's ViT-L/16 pathology recipe (Chen et al. 2024, Nat. Med., "Towards a
+            general-purpose foundation model for computational pathology", Supp. Table: DINOv2
+            ViT-L/16, 4 registers? no: 0 registers, 224/96 crops, drop path 0.1, layerwise decay
+            0.9, lr 2e-3 at batch 3072, 125k iterations).
+  phikon2   Phikon-v2's ViT-L/16 recipe (Filiot et al. 2024, arXiv:2409.09173: DINOv2, batch 4096,
+            250k iterations, lr 2e-4 per 1024 sqrt-scaled, 224/96 crops, drop path 0.3? see file).
+
+Override any key on the command line, e.g. `--config.batch_size=64 --config.model.dtype=bfloat16`.
+"""
+
+import ml_collections
+
+# Mean and std of ImageNet RGB in [0, 1]; DINOv2, UNI and Phikon-v2 all normalise with these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """DINOv2's default recipe (ssl_default_config.yaml) for ViT-L/16 at batch 1024."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 1024  # global, over all hosts and devices
+    c.steps_per_epoch = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH: schedules are in epochs of this
+    c.epochs = 100
+    c.total_steps = -1  # -1: epochs * steps_per_epoch; set to stop early (schedules keep epochs)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "vit_l16"
+    c.model.img_size = 224  # size the position embeddings are stored at
+    c.model.num_registers = 0
+    c.model.layerscale_init = 1e-5  # DINOv2 `student.layerscale`; 0 disables LayerScale
+    c.model.drop_path_rate = 0.3  # DINOv2 default for ViT-L, uniform over depth
+    c.model.ffn = "mlp"  # "mlp" (GELU) or "swiglu"
+    c.model.qkv_bias = True
+    c.model.dtype = "float32"  # compute dtype; parameters are always float32
+    c.model.remat = False  # rematerialise each block in the backward pass
+    c.model.scan_layers = False  # jax.lax.scan over blocks (faster compiles for deep models)
+
+    c.head = ml_collections.ConfigDict()  # DINO head (dinov2 `dino.head_*`)
+    c.head.n_prototypes = 65536
+    c.head.hidden_dim = 2048
+    c.head.bottleneck_dim = 256
+    c.head.n_layers = 3
+
+    c.ibot = ml_collections.ConfigDict()
+    c.ibot.separate_head = False  # True: iBOT gets its own head with the same sizes as `head`
+    c.ibot.mask_sample_probability = 0.5  # fraction of global crops that get masked
+    c.ibot.mask_ratio_min_max = (0.1, 0.5)
+    c.ibot.min_block_patches = 4  # BEiT/DINOv2 block masking
+    c.ibot.min_aspect = 0.3
+    c.ibot.max_mask_fraction = 0.5  # one block covers at most this fraction of the patch grid
+
+    c.ssl = ml_collections.ConfigDict()
+    c.ssl.dino_loss_weight = 1.0
+    c.ssl.ibot_loss_weight = 1.0
+    c.ssl.regulariser = "koleo"  # "koleo", "kde" or "none"
+    c.ssl.koleo_loss_weight = 0.1  # DINOv2 default
+    c.ssl.kde_loss_weight = 0.05
+    c.ssl.kde_concentration = 5.0
+    c.ssl.centering = "softmax"  # "softmax" (EMA centering, DINO) or "sinkhorn_knopp" (SwAV)
+    c.ssl.center_momentum = 0.9
+    c.ssl.sinkhorn_iterations = 3
+    c.ssl.student_temp = 0.1
+    c.ssl.teacher_temp = 0.07
+    c.ssl.warmup_teacher_temp = 0.04
+    c.ssl.warmup_teacher_temp_epochs = 30
+    c.ssl.momentum_teacher = 0.992
+    c.ssl.final_momentum_teacher = 1.0
+
+    c.crops = ml_collections.ConfigDict()
+    c.crops.global_size = 224
+    c.crops.local_size = 96
+    c.crops.n_local = 8
+    c.crops.global_scale = (0.32, 1.0)
+    c.crops.local_scale = (0.05, 0.32)
+
+    c.augment = ml_collections.ConfigDict()  # DINOv2 DataAugmentationDINO, plus pathology options
+    c.augment.hflip = 0.5
+    c.augment.vflip = 0.0
+    c.augment.rot90 = False
+    c.augment.color_jitter = 0.8  # probability; strengths below (brightness, contrast, sat., hue)
+    c.augment.jitter_strength = (0.4, 0.4, 0.2, 0.1)
+    c.augment.grayscale = 0.2
+    c.augment.blur = (1.0, 0.1, 0.5)  # probability for global crop 1, global crop 2, local crops
+    c.augment.solarize = 0.2  # probability, second global crop only
+    c.augment.mean = IMAGENET_MEAN
+    c.augment.std = IMAGENET_STD
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 0.004  # at batch 1024, scaled by `lr_scaling`
+    c.optim.lr_scaling = "sqrt_wrt_1024"  # or "none"
+    c.optim.warmup_epochs = 10
+    c.optim.min_lr = 1e-6
+    c.optim.weight_decay = 0.04
+    c.optim.weight_decay_end = 0.4
+    c.optim.clip_grad = 3.0
+    c.optim.freeze_last_layer_epochs = 1
+    c.optim.layerwise_decay = 0.9
+    c.optim.patch_embed_lr_mult = 0.2
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # "synthetic" or "folder"
+    c.data.path = ""  # folder of PNG/JPEG tiles (searched recursively) for source="folder"
+    c.data.synthetic_size = 4096  # number of distinct synthetic images
+    c.data.synthetic_image_size = 256
+    c.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
+    c.data.prefetch = 2
+
+    c.mesh = ml_collections.ConfigDict()  # axis sizes; -1 takes the remaining devices
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    return c
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    c = base_config()
+    if arg in ("vit_s16", "vit_b16", "vit_l16"):
+        c.model.variant = arg
+    elif arg == "vit_g14":  # dinov2 configs/train/vitg14.yaml
+        c.model.variant = "vit_g14"
+        c.model.drop_path_rate = 0.4
+        c.model.ffn = "swiglu"
+        c.head.n_prototypes = 131072
+        c.ibot.separate_head = True
+        c.ssl.centering = "sinkhorn_knopp"
+        c.epochs = 500
+        c.optim.weight_decay_end = 0.2
+        c.optim.base_lr = 2e-4
+        c.optim.warmup_epochs = 80
+        c.optim.layerwise_decay = 1.0
+        c.crops.local_size = 98
+    elif arg == "uni":
+        c.model.variant = "vit_l16"
+        c.model.drop_path_rate = 0.1
+        c.batch_size = 3072
+        c.optim.base_lr = 2e-3
+        c.epochs = 100
+        c.augment.vflip = 0.5
+        c.augment.rot90 = True
+        c.augment.solarize = 0.0
+    elif arg == "phikon2":
+        c.model.variant = "vit_l16"
+        c.batch_size = 4096
+        c.optim.base_lr = 2e-4
+        c.epochs = 200
+        c.augment.vflip = 0.5
+        c.augment.rot90 = True
+        c.augment.solarize = 0.0
+    elif arg in ("demo", "test"):
+        c.model.variant = "vit_demo" if arg == "demo" else "vit_test"
+        c.model.drop_path_rate = 0.1
+        c.model.layerscale_init = 1e-5
+        c.head.n_prototypes = 1024 if arg == "demo" else 64
+        c.head.hidden_dim = 256 if arg == "demo" else 32
+        c.head.bottleneck_dim = 64 if arg == "demo" else 16
+        c.crops.global_size = 64 if arg == "demo" else 32
+        c.crops.local_size = 32 if arg == "demo" else 16
+        c.crops.n_local = 4 if arg == "demo" else 2
+        c.model.img_size = c.crops.global_size
+        c.batch_size = 32 if arg == "demo" else 8
+        c.steps_per_epoch = 50 if arg == "demo" else 10
+        c.epochs = 6 if arg == "demo" else 3
+        c.optim.base_lr = 2e-3
+        c.optim.warmup_epochs = 1
+        c.optim.layerwise_decay = 1.0
+        c.ssl.warmup_teacher_temp_epochs = 2
+        c.ssl.momentum_teacher = 0.99
+        c.augment.vflip = 0.5
+        c.augment.rot90 = True
+        c.log_every = 10 if arg == "demo" else 5
+        c.checkpoint_every = 100 if arg == "demo" else 10
+        if arg == "demo":
+            c.data.source = "folder"
+            c.data.path = "/tmp/cfm_demo/tiles"
+        else:
+            c.data.synthetic_size = 64
+            c.data.synthetic_image_size = 48
+    else:
+        raise ValueError(
+                f"configs/dino_vit.py: unknown preset {arg!r}; choose one of demo, test, vit_s16, "
+                "vit_b16, vit_l16, vit_g14, uni, phikon2")
+    return c

@@ -1,0 +1,1 @@
+"""Data preparation jobs: demo tiles now; slide tiling and omics tables in later issues."""

@@ -1,0 +1,31 @@
+"""cfm: pod-scale JAX pretraining of multimodal cancer foundation models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cfm",
+    version="0.1.0",
+    description="Pretrain and fine-tune multimodal cancer foundation models in JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cfm", "cfm.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
+    install_requires=[
+        "jax>=0.6.0",
+        "flax>=0.10.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorstore>=0.1.70",
+        "grain>=0.2.10",
+        "numpy>=1.26",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.1",
+        "pillow>=10.0",  # PNG/JPEG decode and crop resizing in the data pipeline
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",  # the loss-curve PNG left in every workdir
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "scikit-image>=0.24"],
+        "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
+        "tpu": ["jax[tpu]"],
+    },
+)

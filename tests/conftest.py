@@ -1,0 +1,32 @@
+"""Test set-up: 8 forced CPU devices (so sharded code can be checked against 1 device) and the
+`../shared/data` locator. Set before jax is imported anywhere in the test process."""
+
+import importlib.util
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def load_config(name: str = "dino_vit.py", arg: str = "test"):
+    """get_config(arg) from configs/<name>, imported by path as the CLI does."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+    """../shared/data; skips where it is absent, fails instead when CFM_REQUIRE_SHARED=1."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CFM_REQUIRE_SHARED") == "1":
+            pytest.fail(f"CFM_REQUIRE_SHARED=1 but {SHARED_DATA} is missing")
+        pytest.skip(f"{SHARED_DATA} not present (real-data tests need the shared folder)")
+    return SHARED_DATA
