@@ -46,6 +46,9 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
     for k in ["crops.global_size", "crops.local_size", "model.img_size"]:
         _check(g(k) % patch == 0, k, g(k), f"must be a multiple of the patch size {patch}")
     _check(g("model.ffn") in ("mlp", "swiglu"), "model.ffn", g("model.ffn"), "use mlp or swiglu")
+    _check(g("model.attention") in ("auto", "dot_product_attention", "heads_major"),
+           "model.attention", g("model.attention"),
+           "use auto, dot_product_attention or heads_major")
     _check(g("model.dtype") in ("float32", "bfloat16", "float16"), "model.dtype",
            g("model.dtype"), "use float32, bfloat16 or float16")
     _check(0 <= g("model.drop_path_rate") < 1, "model.drop_path_rate", g("model.drop_path_rate"),

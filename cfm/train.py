@@ -54,7 +54,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     backbone = vit.ViT(variant=m.variant, img_size=m.img_size, num_registers=m.num_registers,
                        layerscale_init=m.layerscale_init, drop_path_rate=m.drop_path_rate,
                        ffn=m.ffn, qkv_bias=m.qkv_bias, dtype=dtype, remat=m.remat,
-                       scan_layers=m.scan_layers)
+                       scan_layers=m.scan_layers, attention=m.attention)
     h = config.head
     make_head = lambda: heads.DINOHead(h.n_prototypes, h.hidden_dim, h.bottleneck_dim,  # noqa
                                        h.n_layers, dtype)
@@ -153,7 +153,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- config and mesh ------------------------------------------------------------------
     config_check.validate_dino(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh)
+    except ValueError as e:
+        raise config_check.ConfigError(f"config.mesh: {e}") from None
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % n_batch_shards:
         raise config_check.ConfigError(

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cfm.models import ops
 from cfm.models.vit import TRUNC, _init
 
 
@@ -46,7 +47,7 @@ class DINOHead(nn.Module):
                          kernel_init=_init(TRUNC, ("embed", "mlp")),
                          bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
             if i < len(dims) - 1:
-                x = nn.gelu(x, approximate=False)
+                x = ops.gelu(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return WeightNormPrototypes(self.n_prototypes, self.dtype, name="last_layer")(x).astype(

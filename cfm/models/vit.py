@@ -3,8 +3,9 @@
 CLS token, optional register tokens (Darcet et al. 2024, "Vision Transformers Need Registers"),
 LayerScale (Touvron et al. 2021, CaiT), stochastic depth, GELU MLP or SwiGLU (Shazeer 2020), learned
 position embeddings stored for `img_size` and bicubically resampled to any crop size, and a mask
-token that replaces masked patches (iBOT). Attention goes through `jax.nn.dot_product_attention`,
-which uses cuDNN flash attention on GPUs.
+token that replaces masked patches (iBOT). Attention goes through `jax.nn.dot_product_attention`
+(cuDNN flash attention on GPUs) on accelerators and through a heads-major einsum on CPU
+(`cfm.models.ops.attention`).
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `layers`, ...); the
 mesh rules in `cfm.parallel` map them to mesh axes. Parameters are float32; `dtype` is the compute
@@ -19,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from cfm.models import ops
 
 # name -> (width, depth, heads, mlp hidden, patch). S/B/L/H/g as in DINOv2 and timm; the SwiGLU
 # hidden size follows DINOv2 (2/3 of 4*width, rounded up to a multiple of 8).
@@ -78,7 +81,7 @@ class MLP(nn.Module):
             f, dtype=self.dtype, kernel_init=_init(TRUNC, names),
             bias_init=_init(nn.initializers.zeros, names[1:]), name=name)
         if self.ffn == "mlp":
-            h = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x), approximate=False)
+            h = ops.gelu(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x))
         else:  # SwiGLU: silu(x W1) * (x W2), as one matmul with a 2*hidden output.
             hidden = swiglu_hidden(self.mlp_dim)
             h = dense(2 * hidden, ("embed", "mlp"), "w12")(x)
@@ -91,6 +94,7 @@ class Attention(nn.Module):
     heads: int
     qkv_bias: bool
     dtype: Any
+    impl: str = "auto"  # see cfm.models.ops.attention
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,7 +108,7 @@ class Attention(nn.Module):
                                (3, self.heads, hd))
             qkv = qkv + b_qkv.astype(self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = ops.attention(q, k, v, self.impl)
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
         w_out = self.param("proj_kernel", _init(TRUNC, ("heads", "kv", "embed")),
                            (self.heads, hd, width))
@@ -144,13 +148,14 @@ class Block(nn.Module):
     layerscale_init: float
     drop_path_rate: float
     dtype: Any
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         rng = lambda: self.make_rng("dropout") if train and self.drop_path_rate > 0 else None  # noqa: E731
         ls = (lambda name: LayerScale(self.layerscale_init, name=name)) if self.layerscale_init \
             else (lambda name: (lambda y: y))
-        y = Attention(self.heads, self.qkv_bias, self.dtype, name="attn")(_norm(self.dtype, "norm1")(x))
+        y = Attention(self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")(_norm(self.dtype, "norm1")(x))
         x = x + drop_path(ls("ls1")(y), self.drop_path_rate, rng())
         y = MLP(self.mlp_dim, self.ffn, self.dtype, name="mlp")(_norm(self.dtype, "norm2")(x))
         x = x + drop_path(ls("ls2")(y), self.drop_path_rate, rng())
@@ -163,6 +168,26 @@ class ScanBlock(Block):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):  # type: ignore[override]
         return super().__call__(x, train), None
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> width, as a stride-`patch` convolution would compute it, but
+    written as patchify + one matmul (one GEMM on every backend; a convolution's weight gradient
+    is slow on CPU). The kernel keeps the convolution layout [patch, patch, 3, width]."""
+
+    patch: int
+    width: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.patch
+        kernel = self.param("kernel", _init(TRUNC, (None, None, None, "embed")), (p, p, c, self.width))
+        bias = self.param("bias", _init(nn.initializers.zeros, ("embed",)), (self.width,))
+        x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        x = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype))
+        return x + bias.astype(self.dtype)
 
 
 def resample_pos_embed(pos: jax.Array, grid: int) -> jax.Array:
@@ -190,6 +215,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    attention: str = "auto"  # cfm.models.ops.attention: auto, dot_product_attention, heads_major
 
     @nn.compact
     def __call__(self, images: jax.Array, masks: jax.Array | None = None,
@@ -199,10 +225,7 @@ class ViT(nn.Module):
         s = spec(self.variant)
         if images.shape[1] % s.patch or images.shape[2] % s.patch:
             raise ValueError(f"crop size {images.shape[1:3]} is not a multiple of patch {s.patch}")
-        x = nn.Conv(s.width, (s.patch, s.patch), strides=(s.patch, s.patch), padding="VALID",
-                    dtype=self.dtype, name="patch_embed",
-                    kernel_init=_init(TRUNC, (None, None, None, "embed")),
-                    bias_init=_init(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
+        x = PatchEmbed(s.patch, s.width, self.dtype, name="patch_embed")(images)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
         if masks is not None:
@@ -225,7 +248,7 @@ class ViT(nn.Module):
 
         kw = dict(heads=s.heads, mlp_dim=s.mlp_dim, ffn=self.ffn, qkv_bias=self.qkv_bias,
                   layerscale_init=self.layerscale_init, drop_path_rate=self.drop_path_rate,
-                  dtype=self.dtype)
+                  dtype=self.dtype, attention=self.attention)
         if self.scan_layers:
             block = ScanBlock
             if self.remat:

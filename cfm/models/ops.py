@@ -1,0 +1,69 @@
+"""Two numerical building blocks shared by the models: exact GELU and multi-head attention.
+
+Both compute the textbook function; they exist because the obvious jnp spelling is slow on CPU
+(`benchmarks/train_step.py` measures the difference).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + a2 t + ... + a5 t^4) exp(-z^2),
+# t = 1 / (1 + p z), z >= 0, absolute error <= 1.5e-7 (float32 resolution).
+_P = 0.3275911
+_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def _cdf_pdf(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    z = jnp.abs(x) * np.float32(2 ** -0.5)
+    t = 1.0 / (1.0 + _P * z)
+    poly = t * (_A[0] + t * (_A[1] + t * (_A[2] + t * (_A[3] + t * _A[4]))))
+    e = jnp.exp(-z * z)
+    cdf = 0.5 * (1.0 + jnp.sign(x) * (1.0 - poly * e))
+    return cdf, e * np.float32((2 * np.pi) ** -0.5)
+
+
+@jax.custom_jvp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) (Hendrycks & Gimpel 2016; DINOv2 and timm use the exact form), to
+    float32 accuracy (|error| < 1e-6 against `jax.nn.gelu(approximate=False)`), with the exact
+    derivative Phi(x) + x phi(x). About 2x faster than XLA's erf on CPU."""
+    cdf, _ = _cdf_pdf(x)
+    return x * cdf.astype(x.dtype)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    cdf, pdf = _cdf_pdf(x)
+    cdf, pdf = cdf.astype(x.dtype), pdf.astype(x.dtype)
+    return x * cdf, (cdf + x * pdf) * dx
+
+
+def _attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v with heads moved before tokens, so each head's products are
+    contiguous batched matmuls; XLA:CPU runs this ~2x faster than the [B, T, N, H] layout."""
+    scale = np.float32(q.shape[-1] ** -0.5)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
+    logits = jnp.einsum("bnth,bnsh->bnts", q * scale.astype(q.dtype), k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bnsh->bnth", probs, v).transpose(0, 2, 1, 3)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
+    """Multi-head attention on [B, T, N, H] queries/keys/values -> [B, T, N, H].
+
+    impl: "dot_product_attention" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs,
+    XLA's fused kernel on TPUs), "heads_major" (the CPU-friendly spelling above), or "auto" =
+    heads_major when the default backend is CPU, else dot_product_attention. Ahead-of-time
+    compiles for accelerators from a CPU host must pass "dot_product_attention" explicitly.
+    """
+    if impl == "auto":
+        impl = "heads_major" if jax.default_backend() == "cpu" else "dot_product_attention"
+    if impl == "dot_product_attention":
+        return jax.nn.dot_product_attention(q, k, v)
+    if impl == "heads_major":
+        return _attention_heads_major(q, k, v)
+    raise ValueError(f"model.attention={impl!r}: use auto, dot_product_attention or heads_major")
