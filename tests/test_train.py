@@ -103,3 +103,23 @@ def test_bad_config_stops_before_work(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_rerun_on_workdir_resumes_from_latest_checkpoint(tmp_path, capsys):
+    """10 steps, then the same command with total_steps=20, equals 20 steps straight."""
+    straight = tmp_path / "straight"
+    train.train(_tiny(total_steps=20, log_every=5, checkpoint_every=10, **{"mesh.data": -1}),
+                str(straight))
+    split = tmp_path / "split"
+    train.train(_tiny(total_steps=10, log_every=5, checkpoint_every=10, **{"mesh.data": -1}),
+                str(split))
+    capsys.readouterr()
+    train.train(_tiny(total_steps=20, log_every=5, checkpoint_every=10, **{"mesh.data": -1}),
+                str(split))
+    assert "resumed from step 10" in capsys.readouterr().out
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in b] == [5, 10, 15, 20]
+    for ha, hb in zip(a, b):
+        for k in ("loss", "dino", "ibot", "koleo", "grad_norm"):
+            assert ha[k] == hb[k], (ha["step"], k, ha[k], hb[k])  # same batches, same state
