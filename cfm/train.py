@@ -184,6 +184,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
     if is_main:
         print(f"cfm.train: backbone {n_params / 1e6:.2f} M parameters", flush=True)
+    if start >= total_steps:
+        ckpt.close()
+        if is_main:
+            print(f"cfm.train: nothing to do, the checkpoint is at step {start} >= total_steps "
+                  f"{total_steps} (raise --config.total_steps to train on)", flush=True)
+        return {}
 
     # ---- data ------------------------------------------------------------------------------
     patch = vit.spec(config.model.variant).patch
@@ -200,7 +206,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- loop ------------------------------------------------------------------------------
     writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main)
     last: dict = {}
-    pending = None
     local = first
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
         for step in range(start, total_steps):
@@ -210,8 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 jax.block_until_ready(out)
                 writer.start_clock(done)  # throughput excludes compilation
             if done % config.log_every == 0 or done == total_steps:
-                pending = out
-                last = writer.write(done, jax.device_get(pending))
+                last = writer.write(done, jax.device_get(out))
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss is {last['loss']} at step {done}")
             if done % config.checkpoint_every == 0 or done == total_steps:
@@ -227,7 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     flags_def = flags.FlagValues()

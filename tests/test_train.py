@@ -123,3 +123,6 @@ def test_rerun_on_workdir_resumes_from_latest_checkpoint(tmp_path, capsys):
     for ha, hb in zip(a, b):
         for k in ("loss", "dino", "ibot", "koleo", "grad_norm"):
             assert ha[k] == hb[k], (ha["step"], k, ha[k], hb[k])  # same batches, same state
+    # a finished run started again does nothing and says so
+    assert train.train(_tiny(total_steps=20, **{"mesh.data": -1}), str(split)) == {}
+    assert "nothing to do" in capsys.readouterr().out
