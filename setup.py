@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cfm", "cfm.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
+    packages=find_packages(include=["cfm", "cfm.*", "data_prep", "data_prep.*", "launch",
+                                    "launch.*"]),
     install_requires=[
         "jax>=0.6.0",
         "flax>=0.10.4",

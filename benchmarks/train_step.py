@@ -17,7 +17,8 @@ page-faults them back every step (about 40% of the step time on 2 cores). With `
 (the default) the script re-executes itself under jemalloc with memory retention when
 libjemalloc is installed (`apt-get install libjemalloc2`); the same two environment variables
 speed up CPU training:
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
+    MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
 """
 
 from __future__ import annotations

@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     from ml_collections import config_flags
 
     flags_def = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "configs/<file>.py:<arg>", flag_values=flags_def,
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "configs/<file>.py:<arg>",
+                                    flag_values=flags_def, lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, events and plots go",
                         flag_values=flags_def)
     argv = sys.argv if argv is None else argv

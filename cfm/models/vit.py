@@ -152,10 +152,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        rng = lambda: self.make_rng("dropout") if train and self.drop_path_rate > 0 else None  # noqa: E731
-        ls = (lambda name: LayerScale(self.layerscale_init, name=name)) if self.layerscale_init \
-            else (lambda name: (lambda y: y))
-        y = Attention(self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")(_norm(self.dtype, "norm1")(x))
+        def rng():
+            return self.make_rng("dropout") if train and self.drop_path_rate > 0 else None
+
+        def ls(name):
+            if not self.layerscale_init:
+                return lambda y: y
+            return LayerScale(self.layerscale_init, name=name)
+
+        attn = Attention(self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")
+        y = attn(_norm(self.dtype, "norm1")(x))
         x = x + drop_path(ls("ls1")(y), self.drop_path_rate, rng())
         y = MLP(self.mlp_dim, self.ffn, self.dtype, name="mlp")(_norm(self.dtype, "norm2")(x))
         x = x + drop_path(ls("ls2")(y), self.drop_path_rate, rng())
@@ -183,7 +189,8 @@ class PatchEmbed(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         b, h, w, c = images.shape
         p = self.patch
-        kernel = self.param("kernel", _init(TRUNC, (None, None, None, "embed")), (p, p, c, self.width))
+        kernel = self.param("kernel", _init(TRUNC, (None, None, None, "embed")),
+                            (p, p, c, self.width))
         bias = self.param("bias", _init(nn.initializers.zeros, ("embed",)), (self.width,))
         x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
         x = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype))
@@ -240,7 +247,8 @@ class ViT(nn.Module):
         x = x + resample_pos_embed(pos[:, 1:], gh).astype(x.dtype)
         tokens = [jnp.broadcast_to((cls + pos[:, :1]).astype(x.dtype), (b, 1, d))]
         if self.num_registers:
-            reg = self.param("reg_tokens", _init(nn.initializers.normal(1e-6), (None, None, "embed")),
+            reg = self.param("reg_tokens",
+                             _init(nn.initializers.normal(1e-6), (None, None, "embed")),
                              (1, self.num_registers, d))
             tokens.append(jnp.broadcast_to(reg.astype(x.dtype), (b, self.num_registers, d)))
         x = jnp.concatenate(tokens + [x], axis=1)

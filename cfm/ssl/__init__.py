@@ -1,1 +1,3 @@
-"""Self-supervised objectives: losses, regularisers, teacher centering, masking. Know nothing of files or models."""
+"""Self-supervised objectives: losses, regularisers, teacher centering, masking.
+
+They know nothing of files or models."""
