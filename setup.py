@@ -25,7 +25,11 @@ setup(
         "matplotlib>=3.8",  # the loss-curve PNG left in every workdir
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scikit-image>=0.24"],
+        # openslide-bin ships the OpenSlide C library as a wheel: no system package needed.
+        "slides": ["openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1",
+                   "scipy>=1.11"],
+        "test": ["pytest>=8.0", "scikit-image>=0.24", "openslide-python>=1.4",
+                 "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11"],
         "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
         "tpu": ["jax[tpu]"],
     },

@@ -1,1 +1,2 @@
-"""Data preparation jobs: demo tiles now; slide tiling and omics tables in later issues."""
+"""Data preparation jobs: `demo_tiles` (the README demo), `tile_wsi` (whole-slide images to
+ArrayRecord tile shards, with `tissue` segmentation); omics tables come with issue 6."""

@@ -1,0 +1,750 @@
+"""Tile whole-slide images into de-identified JPEG tiles in ArrayRecord shards.
+
+    python -m data_prep.tile_wsi --slides DIR|LISTFILE --out DIR --mpp 0.5 [--mpp 1.0 ...]
+        [--tile-size 224] [--workers N] [--default-mpp X] [--min-tissue 0.5]
+        [--jpeg-quality 90] [--tiles-per-shard 10000] [--num-shards N --shard-index I]
+        [--salt S] [--cohort NAME] [--tissue-preset default]
+
+Reads every format OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...) and plain
+PNG/JPEG/TIFF images through PIL (those carry no microns-per-pixel, so they need --default-mpp).
+Each slide is tiled on a non-overlapping grid at every --mpp: a tile covers
+tile_size * mpp / slide_mpp level-0 pixels, is read from the coarsest pyramid level that is still
+at least as fine as the target, and is resized to tile_size x tile_size with PIL. Tiles are kept
+when the thumbnail tissue mask (data_prep.tissue) covers >= --min-tissue of them and they are not
+background, blurred or pen-marked (constants below).
+
+Output in --out (or in --out/part-IIIII-of-NNNNN with --num-shards N > 1, so array jobs never
+collide):
+    tiles-00000.array_record ...   size-balanced shards of cfm.data.records tile records
+    manifest.csv                   shard, index, slide_id, x, y, level, mpp, tissue_fraction, cohort
+    failures.csv                   slide_id, reason for every slide of this run that failed
+    qc/<slide_id>.png              thumbnail with tissue overlay (green) and kept tiles (boxes)
+    private/slide_ids.csv          slide_id -> original path, salt, content sha256:
+                                   KEEP THIS FILE; NEVER SHARE IT (nor private/salt.txt)
+    done/, staging/, config.json   restart bookkeeping
+
+Privacy: associated images (label, macro) are never read; only pyramid levels are. slide_id is
+the first 16 hex digits of sha256(salt + sha256(file content)): content-based, so renaming or
+moving a slide keeps its id and a duplicate file is tiled once; the secret salt (--salt, or a
+random one kept in private/) stops anyone from confirming a guessed slide by hashing it. No file
+name, path or slide metadata reaches shards, manifest, failures or thumbnails; error messages
+are scrubbed of the file's name and folder.
+
+Restart: a slide is finished once done/<slide_id>.json exists (written last, after its tiles).
+Tiles are staged per slide and packed into shards at the end of each run; every file is written
+under a .tmp name, fsynced and renamed, and manifest.csv (the commit point of a pack) is written
+after its shards, so no partial shard is ever listed. Exit status: 0 all slides tiled or already
+done, 1 some slide failed (see failures.csv), 2 bad usage.
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import secrets
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cfm.data.records import decode_tile, encode_tile
+from data_prep import tissue
+
+# Slide formats looked for when --slides is a folder (list files may name anything).
+OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
+                      ".svslide", ".bif", ".czi")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# A level may be this much (relative) coarser than the target mpp and still be used, so e.g. an
+# Aperio level at 1.008 um/px serves a 1.0 um/px target instead of a 4x larger read.
+LEVEL_MPP_TOLERANCE = 0.02
+# A target mpp finer than the slide's by more than this (relative) is skipped for that slide:
+# tiles would be upsampled blur (and a 352 um/px image would give millions of sub-pixel tiles).
+MAX_UPSAMPLE = 0.10
+# Thumbnail for tissue masks and QC: 4 um/px (about 16x below 0.25 um/px scans), <= 4096 px.
+THUMB_MPP = 4.0
+MAX_THUMB_SIDE = 4096
+QC_MAX_SIDE = 1024
+# Tile filters, on the resized uint8 RGB tile.
+WHITE_LEVEL = 220  # a pixel with all of R, G, B above this is background
+MAX_WHITE_FRACTION = 0.75  # more background than this -> dropped
+BLUR_MIN_LAPLACIAN_VAR = 40.0
+# Blur: variance of the 4-neighbour Laplacian of grey levels (0-255). Sharp H&E tissue tiles of
+# CMU-1-Small-Region score 500-3800; a 3 px Gaussian blur brings them far below this.
+# Pen: strongly saturated green-to-blue pixels or black ones. On CMU-1-Small-Region, H&E tissue
+# tiles have at most ~5% such pixels (bluish haematoxylin); marker-covered tiles far more.
+PEN_MIN_SATURATION = 120  # PIL HSV scale 0-255
+PEN_HUE_RANGE = (40, 165)  # PIL hue 0-255 (~56-233 degrees): green through blue; eosin ~230-255
+BLACK_MAX_VALUE = 40  # HSV value below this is black ink (or a fold)
+MAX_PEN_FRACTION = 0.15  # more ink-coloured pixels than this -> dropped
+ID_HEX_DIGITS = 16
+HASH_CHUNK = 1 << 22
+MANIFEST_FIELDS = ("shard", "index", "slide_id", "x", "y", "level", "mpp", "tissue_fraction",
+                   "cohort")
+MAPPING_FIELDS = ("slide_id", "salt", "source_path", "size_bytes", "mtime_ns",
+                  "content_sha256")
+# Settings that must match when a run is restarted on the same --out.
+CONFIG_KEYS = ("mpp", "tile_size", "min_tissue", "jpeg_quality", "tissue_preset", "cohort",
+               "default_mpp")
+
+
+class SlideError(Exception):
+    """A slide that cannot be tiled; the message is the reason written to failures.csv."""
+
+
+# ----------------------------------------------------------------------------- slide readers
+class _OpenSlideReader:
+    """Pyramid levels of an OpenSlide slide; associated images (label, macro) are never read."""
+
+    def __init__(self, path: str):
+        import openslide  # optional dependency (extra `slides`), imported only when used
+        self._slide = openslide.OpenSlide(path)
+        self.level_dimensions = list(self._slide.level_dimensions)
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        props = self._slide.properties
+        try:
+            self.mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+        except (KeyError, ValueError):
+            self.mpp = None
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB region of `width` x `height` level pixels whose top-left is level-0 (x, y)."""
+        region = self._slide.read_region((x, y), level, (width, height))
+        alpha = region.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            return region.convert("RGB")
+        background = Image.new("RGB", region.size, (255, 255, 255))  # no-data areas are glass
+        background.paste(region.convert("RGB"), mask=alpha)
+        return background
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class _PilReader:
+    """A plain PNG/JPEG/TIFF image as a one-level slide without microns-per-pixel."""
+
+    def __init__(self, path: str):
+        Image.MAX_IMAGE_PIXELS = None  # the user asked for this file; scans are large
+        with Image.open(path) as image:
+            self._image = image.convert("RGB")
+        self.level_dimensions = [self._image.size]
+        self.level_downsamples = [1.0]
+        self.mpp = None
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB crop (level is always 0); parts outside the image are white."""
+        inside = x + width <= self._image.width and y + height <= self._image.height
+        if x >= 0 and y >= 0 and inside:
+            return self._image.crop((x, y, x + width, y + height))
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(self._image.crop((x, y, x + width, y + height)), (0, 0))
+        return canvas
+
+    def close(self) -> None:
+        self._image.close()
+
+
+def open_slide(path: str) -> "_OpenSlideReader | _PilReader":
+    """A reader for `path`: OpenSlide when it recognises the file, else PIL for PNG/JPEG/TIFF.
+
+    Without openslide-python installed (extra `slides`) only the PIL formats open.
+    """
+    try:
+        import openslide
+    except ImportError:
+        openslide = None
+    try:
+        vendor = openslide.OpenSlide.detect_format(path) if openslide else None
+    except Exception as err:  # noqa: BLE001 - any failure to probe is an open failure
+        raise SlideError(f"unopenable: {type(err).__name__}: {err}") from None
+    try:
+        if vendor is not None:
+            return _OpenSlideReader(path)
+        if path.lower().endswith(PIL_SUFFIXES):
+            return _PilReader(path)
+    except Exception as err:  # noqa: BLE001
+        raise SlideError(f"unopenable: {type(err).__name__}: {err}") from None
+    hint = "" if openslide else " (openslide-python is not installed)"
+    raise SlideError(f"unopenable: neither OpenSlide nor PIL reads this format{hint}")
+
+
+# ----------------------------------------------------------------------------- geometry
+def best_level(downsamples: list[float], slide_mpp: float, target_mpp: float) -> int:
+    """Coarsest level whose resolution (slide_mpp * downsample um/px) is still >= the target's,
+    within LEVEL_MPP_TOLERANCE; level 0 when even level 0 is coarser than the target."""
+    limit = target_mpp * (1.0 + LEVEL_MPP_TOLERANCE)
+    fits = [i for i, d in enumerate(downsamples) if slide_mpp * d <= limit]
+    return max(fits, key=lambda i: downsamples[i]) if fits else 0
+
+
+def tile_grid(width: int, height: int, footprint_x: float,
+              footprint_y: float) -> list[tuple[int, int]]:
+    """Level-0 top-left corners (x, y) of the full tiles of a non-overlapping grid, row-major.
+
+    Tile i of a row starts at round(i * footprint_x); only tiles lying wholly inside the slide
+    are listed, so there are floor(width / footprint_x) x floor(height / footprint_y).
+    """
+    cols = int(math.floor(width / footprint_x + 1e-9))
+    rows = int(math.floor(height / footprint_y + 1e-9))
+    return [(int(round(c * footprint_x)), int(round(r * footprint_y)))
+            for r in range(rows) for c in range(cols)]
+
+
+def read_thumbnail(reader, mpp: tuple[float, float]
+                   ) -> tuple[Image.Image, float, float, float]:
+    """(RGB thumbnail, its um/px, level-0 px per thumbnail px in x and y).
+
+    Read block by block from the coarsest level at least as fine as the thumbnail, so memory
+    stays bounded (about 64 MB per block) even for single-level gigapixel images.
+    """
+    width, height = reader.level_dimensions[0]
+    thumb_mpp = max(THUMB_MPP, mpp[0], mpp[1], max(width * mpp[0], height * mpp[1])
+                    / MAX_THUMB_SIDE)
+    level = best_level(reader.level_downsamples, max(mpp), thumb_mpp)
+    down = reader.level_downsamples[level]
+    level_w, level_h = reader.level_dimensions[level]
+    step_x, step_y = thumb_mpp / (mpp[0] * down), thumb_mpp / (mpp[1] * down)  # level px
+    thumb_w = max(1, int(math.ceil(level_w / step_x - 1e-9)))
+    thumb_h = max(1, int(math.ceil(level_h / step_y - 1e-9)))
+    thumb = Image.new("RGB", (thumb_w, thumb_h), (255, 255, 255))
+    block = max(1, int(4096 / max(step_x, step_y)))
+    for ty in range(0, thumb_h, block):
+        for tx in range(0, thumb_w, block):
+            tx1, ty1 = min(tx + block, thumb_w), min(ty + block, thumb_h)
+            lx0, ly0 = int(round(tx * step_x)), int(round(ty * step_y))
+            lx1 = max(lx0 + 1, min(int(round(tx1 * step_x)), level_w))
+            ly1 = max(ly0 + 1, min(int(round(ty1 * step_y)), level_h))
+            region = reader.read(int(round(lx0 * down)), int(round(ly0 * down)), level,
+                                 lx1 - lx0, ly1 - ly0)
+            thumb.paste(region.resize((tx1 - tx, ty1 - ty), Image.BILINEAR), (tx, ty))
+    return thumb, thumb_mpp, step_x * down, step_y * down
+
+
+# ----------------------------------------------------------------------------- tile filters
+def tile_rejection(rgb: np.ndarray) -> str | None:
+    """Why a uint8 RGB tile is dropped ('background', 'blur', 'pen'), or None to keep it."""
+    darkest = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    if (darkest > WHITE_LEVEL).mean() > MAX_WHITE_FRACTION:
+        return "background"
+    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    laplacian = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:]
+                 - 4.0 * grey[1:-1, 1:-1])
+    if laplacian.var() < BLUR_MIN_LAPLACIAN_VAR:
+        return "blur"
+    hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    ink = (sat >= PEN_MIN_SATURATION) & (hue >= PEN_HUE_RANGE[0]) & (hue <= PEN_HUE_RANGE[1])
+    if (ink | (val < BLACK_MAX_VALUE)).mean() > MAX_PEN_FRACTION:
+        return "pen"
+    return None
+
+
+# ----------------------------------------------------------------------------- files
+def _fsync_dir(folder: str) -> None:
+    """fsync a folder so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write bytes to path.<pid>.tmp, fsync, rename over path, fsync the folder."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _csv_bytes(fields, rows) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _read_csv(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def salted_id(salt: str, basis: str) -> str:
+    """slide_id: first ID_HEX_DIGITS hex digits of sha256(salt + basis)."""
+    return hashlib.sha256((salt + basis).encode("utf-8")).hexdigest()[:ID_HEX_DIGITS]
+
+
+def _scrub(text: str, path: str) -> str:
+    """text with the slide's path, folder, name and stem (3+ characters) replaced by <slide>."""
+    absolute = os.path.abspath(path)
+    name = os.path.basename(absolute)
+    parts = [absolute, path, os.path.dirname(absolute), name, os.path.splitext(name)[0]]
+    for part in sorted({p for p in parts if len(p) >= 3}, key=len, reverse=True):
+        lowered = text.lower()
+        start = lowered.find(part.lower())
+        while start >= 0:
+            text = text[:start] + "<slide>" + text[start + len(part):]
+            lowered = text.lower()
+            start = lowered.find(part.lower(), start + len("<slide>"))
+    return text
+
+
+# ----------------------------------------------------------------------------- one slide
+@dataclasses.dataclass(frozen=True)
+class TileSettings:
+    """What every worker needs: target mpps (um/px), tile side (px) and filters."""
+
+    mpps: tuple[float, ...]
+    tile_size: int
+    min_tissue: float
+    jpeg_quality: int
+    tissue_preset: str
+    cohort: str
+    default_mpp: float | None
+    salt: str
+    out: str
+
+
+def tile_slide(path: str, settings: TileSettings, known: tuple[str, str] | None = None) -> dict:
+    """Tile one slide into staging/<id>.array_record, qc/<id>.png, then done/<id>.json.
+
+    Returns a dict: path, slide_id, content_sha256, size_bytes, mtime_ns, status ('done',
+    'skipped' or 'failed'), reason, tiles, seconds. Never raises for a bad slide.
+    """
+    start = time.time()
+    result = {"path": path, "slide_id": "", "content_sha256": "", "size_bytes": "",
+              "mtime_ns": "", "status": "failed", "reason": "", "tiles": 0}
+    try:
+        stat = os.stat(path)
+        result["size_bytes"], result["mtime_ns"] = stat.st_size, stat.st_mtime_ns
+        sha = known[1] if known else _file_sha256(path)
+        result["content_sha256"], result["slide_id"] = sha, salted_id(settings.salt, sha)
+    except OSError as err:
+        result["slide_id"] = salted_id(settings.salt, "path:" + os.path.abspath(path))
+        result["reason"] = "unreadable: " + _scrub(f"{type(err).__name__}: {err}", path)
+        return result
+    slide_id = result["slide_id"]
+    if os.path.exists(os.path.join(settings.out, "done", slide_id + ".json")):
+        result["status"] = "skipped"
+        return result
+    try:
+        result["tiles"] = _tile_opened(path, slide_id, settings)
+        result["status"] = "done"
+    except SlideError as err:  # "category: detail"; only the detail can quote the file
+        category, _, detail = str(err).partition(": ")
+        result["reason"] = f"{category}: {_scrub(detail, path)}"
+    except Exception as err:  # noqa: BLE001 - one bad slide must not stop the others
+        result["reason"] = "unreadable: " + _scrub(f"{type(err).__name__}: {err}", path)
+    result["seconds"] = round(time.time() - start, 3)
+    return result
+
+
+def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
+    """Tiles of one slide (see tile_slide); raises SlideError with the reason on failure."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    reader = open_slide(path)
+    staging = os.path.join(settings.out, "staging", slide_id + ".array_record")
+    tmp = f"{staging}.{os.getpid()}.tmp"
+    writer = None
+    try:
+        mpp = reader.mpp
+        if mpp is None:
+            if settings.default_mpp is None:
+                raise SlideError("no mpp: the slide has no microns-per-pixel (openslide.mpp-x); "
+                                 "pass --default-mpp")
+            mpp = (settings.default_mpp, settings.default_mpp)
+        try:
+            thumb, thumb_mpp, scale_x, scale_y = read_thumbnail(reader, mpp)
+        except Exception as err:  # noqa: BLE001
+            raise SlideError(f"unreadable: {type(err).__name__}: {err}") from None
+        mask = tissue.TissueMask(tissue.segment_tissue(thumb, thumb_mpp, settings.tissue_preset),
+                                 scale_x, scale_y)
+        if not mask.mask.any():
+            raise SlideError("empty: no tissue found on the thumbnail")
+        width, height = reader.level_dimensions[0]
+        targets = [t for t in settings.mpps if t * (1.0 + MAX_UPSAMPLE) >= max(mpp)]
+        if not targets:
+            raise SlideError(f"empty: the slide ({max(mpp):.4g} um/px) is coarser than every "
+                             "--mpp")
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        kept, rejected, boxes = 0, {}, []
+        for target in targets:
+            foot_x = settings.tile_size * target / mpp[0]
+            foot_y = settings.tile_size * target / mpp[1]
+            level = best_level(reader.level_downsamples, max(mpp), target)
+            down = reader.level_downsamples[level]
+            read_w = max(1, int(round(foot_x / down)))
+            read_h = max(1, int(round(foot_y / down)))
+            for x, y in tile_grid(width, height, foot_x, foot_y):
+                fraction = mask.fraction(x, y, foot_x, foot_y)
+                if fraction < settings.min_tissue or fraction == 0.0:
+                    continue
+                try:
+                    region = reader.read(x, y, level, read_w, read_h)
+                except Exception as err:  # noqa: BLE001
+                    raise SlideError(f"unreadable: {type(err).__name__}: {err}") from None
+                tile = region.resize((settings.tile_size, settings.tile_size), Image.BICUBIC)
+                why = tile_rejection(np.asarray(tile))
+                if why:
+                    rejected[why] = rejected.get(why, 0) + 1
+                    continue
+                buffer = io.BytesIO()
+                tile.save(buffer, format="JPEG", quality=settings.jpeg_quality)
+                meta = {"slide_id": slide_id, "x": x, "y": y, "level": level, "mpp": target,
+                        "tile_size": settings.tile_size,
+                        "tissue_fraction": round(fraction, 4), "cohort": settings.cohort}
+                writer.write(encode_tile(buffer.getvalue(), meta))
+                kept += 1
+                boxes.append((target, x, y, foot_x, foot_y))
+        writer.close()
+        writer = None
+        if kept == 0:
+            detail = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"
+            raise SlideError(f"empty: no tile reached --min-tissue {settings.min_tissue} and "
+                             f"passed the filters (dropped: {detail})")
+        _fsync_file(tmp)
+        os.replace(tmp, staging)
+        _fsync_dir(os.path.dirname(staging))
+        _write_qc(os.path.join(settings.out, "qc", slide_id + ".png"), thumb, mask, boxes,
+                  settings.mpps)
+        record = {"slide_id": slide_id, "tiles": kept, "rejected": rejected}
+        atomic_write(os.path.join(settings.out, "done", slide_id + ".json"),
+                     json.dumps(record, sort_keys=True).encode("utf-8"))
+        return kept
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reader.close()
+
+
+def _write_qc(path: str, thumb: Image.Image, mask, boxes, mpps) -> None:
+    """QC PNG: tissue tinted green, kept tiles outlined (one colour per target mpp)."""
+    rgb = np.asarray(thumb, np.float32)
+    green = np.array([0, 200, 0], np.float32)
+    rgb[mask.mask] = 0.65 * rgb[mask.mask] + 0.35 * green
+    image = Image.fromarray(rgb.astype(np.uint8))
+    factor = min(1.0, QC_MAX_SIDE / max(image.size))
+    if factor < 1.0:
+        image = image.resize((max(1, round(image.width * factor)),
+                              max(1, round(image.height * factor))), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    colours = [(0, 0, 255), (255, 0, 0), (255, 160, 0), (160, 0, 160)]
+    sx, sy = factor / mask.scale_x, factor / mask.scale_y
+    for target, x, y, fw, fh in boxes:
+        colour = colours[mpps.index(target) % len(colours)]
+        draw.rectangle((x * sx, y * sy, (x + fw) * sx - 1, (y + fh) * sy - 1), outline=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # no text chunks: nothing but pixels
+    atomic_write(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- packing
+def pack_shards(out: str, tiles_per_shard: int) -> int:
+    """Move staged slides into size-balanced shards; manifest.csv commits them. Returns tiles.
+
+    Shards not listed in manifest.csv (a crashed pack) are deleted first; staged slides already
+    in the manifest are dropped. New shards continue the numbering of the committed ones.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    manifest_path = os.path.join(out, "manifest.csv")
+    rows = _read_csv(manifest_path)
+    committed = {row["shard"] for row in rows}
+    packed = {row["slide_id"] for row in rows}
+    for name in os.listdir(out):
+        if name.startswith("tiles-") and name not in committed:
+            os.remove(os.path.join(out, name))
+    staging_dir = os.path.join(out, "staging")
+    pending = []
+    for name in sorted(os.listdir(staging_dir)):
+        slide_id, path = name.split(".")[0], os.path.join(staging_dir, name)
+        if name.endswith(".tmp"):  # a worker that crashed mid-slide
+            os.remove(path)
+            continue
+        if slide_id in packed or not os.path.exists(os.path.join(out, "done", slide_id + ".json")):
+            os.remove(path)
+            continue
+        pending.append(path)
+    if not pending:
+        return 0
+    counts = []
+    for path in pending:
+        reader = ArrayRecordReader(path)
+        counts.append(reader.num_records())
+        reader.close()
+    total = sum(counts)
+    n_shards = max(1, math.ceil(total / tiles_per_shard))
+    sizes = [total // n_shards + (1 if i < total % n_shards else 0) for i in range(n_shards)]
+    first = 1 + max([int(name[6:11]) for name in committed] or [-1])
+    names = [f"tiles-{first + i:05d}.array_record" for i in range(n_shards)]
+    shard, index, writer, new_rows = 0, 0, None, []
+
+    def finish(writer, name):
+        writer.close()
+        tmp = os.path.join(out, name + ".tmp")
+        _fsync_file(tmp)
+        os.replace(tmp, os.path.join(out, name))
+
+    for path, count in zip(pending, counts):
+        reader = ArrayRecordReader(path)
+        for begin in range(0, count, 1024):
+            for record in reader.read(list(range(begin, min(begin + 1024, count)))):
+                if writer is None:
+                    writer = ArrayRecordWriter(os.path.join(out, names[shard] + ".tmp"),
+                                               "group_size:1")
+                writer.write(record)
+                _, meta = decode_tile(record)
+                new_rows.append({"shard": names[shard], "index": index,
+                                 **{k: meta[k] for k in MANIFEST_FIELDS[2:]}})
+                index += 1
+                if index == sizes[shard]:
+                    finish(writer, names[shard])
+                    writer, shard, index = None, shard + 1, 0
+        reader.close()
+    _fsync_dir(out)
+    atomic_write(manifest_path, _csv_bytes(MANIFEST_FIELDS, rows + new_rows))
+    for path in pending:
+        os.remove(path)
+    return total
+
+
+# ----------------------------------------------------------------------------- CLI
+def find_slides(spec: str, exclude: str | None = None) -> list[str]:
+    """Sorted absolute slide paths: a folder (recursive), a list file, or one slide file.
+
+    Hidden files and folders, and the folder `exclude` (the output, whose QC PNGs would
+    otherwise be found as slides on a rerun), are skipped when walking a folder.
+    """
+    if os.path.isdir(spec):
+        found = []
+        for root, dirs, files in os.walk(spec):
+            dirs[:] = [d for d in dirs if not d.startswith(".")
+                       and os.path.abspath(os.path.join(root, d)) != exclude]
+            found += [os.path.join(root, f) for f in files if not f.startswith(".")
+                      and f.lower().endswith(OPENSLIDE_SUFFIXES + PIL_SUFFIXES)]
+    elif spec.lower().endswith(OPENSLIDE_SUFFIXES + PIL_SUFFIXES):
+        found = [spec]
+    else:
+        base = os.path.dirname(os.path.abspath(spec))
+        with open(spec, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]
+        found = [os.path.join(base, line) for line in lines if line and not line.startswith("#")]
+    return sorted({os.path.abspath(p) for p in found})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.tile_wsi", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slides", required=True,
+                        help="folder (searched recursively), list file (one path a line), "
+                             "or one slide")
+    parser.add_argument("--out", required=True, help="output folder (created; reused on restart)")
+    parser.add_argument("--mpp", type=float, action="append", required=True,
+                        help="target microns per pixel; repeat for several magnifications")
+    parser.add_argument("--tile-size", type=int, default=224, help="tile side in output pixels")
+    parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
+    parser.add_argument("--default-mpp", type=float, default=None,
+                        help="um/px for slides without it (plain images)")
+    parser.add_argument("--min-tissue", type=float, default=0.5,
+                        help="minimum tissue fraction of a tile (0-1)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-95")
+    parser.add_argument("--tiles-per-shard", type=int, default=10000,
+                        help="target tiles per ArrayRecord shard")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="split the sorted slide list into this many parts")
+    parser.add_argument("--shard-index", type=int, default=0,
+                        help="this job's part: slide i is tiled when i %% num-shards == index")
+    parser.add_argument("--salt", default=None,
+                        help="secret salt of slide ids (default: random, kept in private/)")
+    parser.add_argument("--cohort", default="", help="cohort name stored with every tile")
+    parser.add_argument("--tissue-preset", default="default", choices=sorted(tissue.PRESETS))
+    return parser
+
+
+def _usage_error(args) -> str | None:
+    if any(m <= 0 for m in args.mpp) or (args.default_mpp is not None and args.default_mpp <= 0):
+        return "--mpp and --default-mpp must be > 0"
+    if args.tile_size < 8:
+        return "--tile-size must be >= 8"
+    if not 0.0 <= args.min_tissue <= 1.0:
+        return "--min-tissue must be in [0, 1]"
+    if not 1 <= args.jpeg_quality <= 95:
+        return "--jpeg-quality must be in [1, 95]"
+    if args.workers < 1 or args.tiles_per_shard < 1:
+        return "--workers and --tiles-per-shard must be >= 1"
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        return "need --num-shards >= 1 and 0 <= --shard-index < --num-shards"
+    if not os.path.exists(args.slides):
+        return f"--slides {args.slides} does not exist"
+    return None
+
+
+def _resolve_salt(private: str, given: str | None) -> str:
+    """--salt, else the salt stored in private/salt.txt, else a new random one (stored)."""
+    salt_path = os.path.join(private, "salt.txt")
+    stored = open(salt_path, encoding="utf-8").read().strip() if os.path.exists(salt_path) else None
+    if given is not None and stored is not None and given != stored:
+        raise SlideError(f"--salt differs from the salt this --out was made with ({salt_path})")
+    salt = given or stored or secrets.token_hex(16)
+    if stored is None:
+        atomic_write(salt_path, salt.encode("utf-8") + b"\n")
+    return salt
+
+
+def _check_config(out: str, config: dict) -> None:
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous != config:
+            raise SlideError(f"{path} records other settings ({previous}); use a new --out")
+    else:
+        atomic_write(path, json.dumps(config, sort_keys=True).encode("utf-8"))
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns 0 (all slides ok), 1 (some slide failed) or 2 (bad usage)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    problem = _usage_error(args)
+    if problem:
+        print(f"tile_wsi: {problem}", file=sys.stderr)
+        return 2
+    slides = find_slides(args.slides, os.path.abspath(args.out))
+    slides = slides[args.shard_index::args.num_shards]
+    if not slides:
+        print(f"tile_wsi: no slides found in {args.slides} for part {args.shard_index}",
+              file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out)
+    if args.num_shards > 1:
+        out = os.path.join(out, f"part-{args.shard_index:05d}-of-{args.num_shards:05d}")
+        if args.salt is None:
+            print("tile_wsi: note: without --salt each part gets its own random salt, so the "
+                  "same slide in two parts gets two ids", file=sys.stderr)
+    for sub in ("qc", "private", "done", "staging"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    for folder in (out, *(os.path.join(out, s) for s in ("qc", "private", "done", "staging"))):
+        for name in os.listdir(folder):  # leftovers of a crashed run; never listed anywhere
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+    private = os.path.join(out, "private")
+    config = {"mpp": list(args.mpp), "tile_size": args.tile_size, "min_tissue": args.min_tissue,
+              "jpeg_quality": args.jpeg_quality, "tissue_preset": args.tissue_preset,
+              "cohort": args.cohort, "default_mpp": args.default_mpp}
+    try:
+        _check_config(out, config)
+        salt = _resolve_salt(private, args.salt)
+    except SlideError as err:
+        print(f"tile_wsi: {err}", file=sys.stderr)
+        return 2
+    settings = TileSettings(tuple(args.mpp), args.tile_size, args.min_tissue, args.jpeg_quality,
+                            args.tissue_preset, args.cohort, args.default_mpp, salt, out)
+    mapping_path = os.path.join(private, "slide_ids.csv")
+    mapping = {(r["slide_id"], r["source_path"]): r for r in _read_csv(mapping_path)}
+    known = {(r["source_path"], r["size_bytes"], r["mtime_ns"]): (r["slide_id"],
+                                                                  r["content_sha256"])
+             for r in mapping.values() if r["salt"] == salt and r["content_sha256"]}
+
+    def known_for(path):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return known.get((path, str(stat.st_size), str(stat.st_mtime_ns)))
+
+    failures, seen, tiles, done = [], set(), 0, 0
+    start = time.time()
+
+    def record(result):
+        nonlocal tiles, done
+        done += 1
+        key = (result["slide_id"], result["path"])
+        mapping[key] = {"slide_id": result["slide_id"], "salt": salt,
+                        "source_path": result["path"], "size_bytes": result["size_bytes"],
+                        "mtime_ns": result["mtime_ns"],
+                        "content_sha256": result["content_sha256"]}
+        atomic_write(mapping_path, _csv_bytes(MAPPING_FIELDS, sorted(
+            mapping.values(), key=lambda r: (r["slide_id"], r["source_path"]))))
+        if result["status"] == "failed":
+            failures.append({"slide_id": result["slide_id"], "reason": result["reason"]})
+            note = f"failed ({result['reason']})"
+        elif result["slide_id"] in seen:
+            note = "duplicate of another slide in this run"
+        else:
+            tiles += result["tiles"]
+            note = "already done" if result["status"] == "skipped" else f"{result['tiles']} tiles"
+        seen.add(result["slide_id"])
+        elapsed = max(time.time() - start, 1e-9)
+        eta = elapsed / done * (len(slides) - done)
+        print(f"tile_wsi: {done}/{len(slides)} slides ({len(failures)} failed), "
+              f"{result['slide_id']}: {note}; {tiles / elapsed:.1f} tiles/s, "
+              f"ETA {_format_eta(eta)}", file=sys.stderr, flush=True)
+
+    if args.workers == 1:
+        for path in slides:
+            record(tile_slide(path, settings, known_for(path)))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+            futures = {pool.submit(tile_slide, p, settings, known_for(p)): p for p in slides}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    record(future.result())
+                except Exception as err:  # noqa: BLE001 - e.g. a reader crashed the worker
+                    path = futures[future]
+                    record({"path": path, "status": "failed", "tiles": 0, "size_bytes": "",
+                            "mtime_ns": "", "content_sha256": "",
+                            "slide_id": salted_id(salt, "path:" + path),
+                            "reason": "crashed: " + _scrub(f"{type(err).__name__}: {err}",
+                                                           path)})
+    packed = pack_shards(out, args.tiles_per_shard)
+    atomic_write(os.path.join(out, "failures.csv"), _csv_bytes(("slide_id", "reason"), failures))
+    print(f"tile_wsi: {len(slides) - len(failures)}/{len(slides)} slides ok, {packed} tiles "
+          f"packed into {out}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
