@@ -64,6 +64,10 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
               "optim.b1", "optim.b2", "ibot.mask_sample_probability", "augment.hflip",
               "augment.vflip", "augment.color_jitter", "augment.grayscale", "augment.solarize"]:
         _check(0 <= g(k) <= 1, k, g(k), "must be in [0, 1]")
+    _check(0 <= g("augment.hed_jitter") < 1, "augment.hed_jitter", g("augment.hed_jitter"),
+           "must be in [0, 1)")
+    _check(isinstance(g("crops.extended_context"), bool), "crops.extended_context",
+           g("crops.extended_context"), "must be True or False")
     lo, hi = g("ibot.mask_ratio_min_max")
     _check(0 <= lo <= hi <= 1, "ibot.mask_ratio_min_max", (lo, hi), "need 0 <= min <= max <= 1")
     for k in ["crops.global_scale", "crops.local_scale"]:
@@ -71,10 +75,11 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
         _check(0 < lo <= hi <= 1, k, (lo, hi), "need 0 < min <= max <= 1")
     _check(len(g("augment.blur")) == 3, "augment.blur", g("augment.blur"),
            "three probabilities: global crop 1, global crop 2, local crops")
-    _check(g("data.source") in ("synthetic", "folder"), "data.source", g("data.source"),
-           "use synthetic or folder")
-    if g("data.source") == "folder":
-        _check(bool(g("data.path")), "data.path", g("data.path"), "set the folder of tiles")
+    _check(g("data.source") in ("synthetic", "folder", "shards"), "data.source",
+           g("data.source"), "use synthetic, folder or shards")
+    if g("data.source") in ("folder", "shards"):
+        _check(bool(g("data.path")), "data.path", g("data.path"),
+               "set the folder of tiles (folder) or of tile_wsi's output (shards)")
     _check(g("optim.lr_scaling") in ("sqrt_wrt_1024", "linear_wrt_256", "none"),
            "optim.lr_scaling", g("optim.lr_scaling"), "use sqrt_wrt_1024, linear_wrt_256 or none")
     _check(g("optim.warmup_epochs") <= g("epochs"), "optim.warmup_epochs",

@@ -22,9 +22,11 @@ Presets (the `:<arg>` after the file name):
             batch 3072, 125k iterations (100 epochs of 1250 steps here).
   phikon2   Phikon-v2 (Filiot et al. 2024, arXiv:2409.09173): ViT-L/16, no registers, 2x224 +
             8x96 crops, batch 4096, 250k iterations (200 epochs of 1250 steps here).
-            For both, every value the papers do not state keeps DINOv2's default; the flips and
-            90-degree rotations (no solarisation) are cfm's choice for tiles, which have no
-            canonical orientation.
+            For both, every value the papers do not state keeps DINOv2's default; the vertical
+            flips and 90-degree rotations (tiles have no canonical orientation) and no
+            solarisation are cfm's choices. HED stain jitter stays off: in skimage's HED units
+            Tellez's sigma 0.05 already turns white into (163, 157, 209); set
+            --config.augment.hed_jitter after checking it on your stains.
 
 Override any key on the command line, e.g. `--config.batch_size=64 --config.model.dtype=bfloat16`.
 """
@@ -97,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.crops.n_local = 8
     c.crops.global_scale = (0.32, 1.0)
     c.crops.local_scale = (0.05, 0.32)
+    # Virchow2's extended-context translation (Zimmermann et al. 2024, arXiv:2408.00738): global
+    # crops are translated, not rescaled, out of a tile larger than global_size, so tissue keeps
+    # its magnification. Needs input tiles larger than global_size.
+    c.crops.extended_context = False
 
     c.augment = ml_collections.ConfigDict()  # DINOv2 DataAugmentationDINO, plus pathology options
     c.augment.hflip = 0.5
@@ -107,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.grayscale = 0.2
     c.augment.blur = (1.0, 0.1, 0.5)  # probability for global crop 1, global crop 2, local crops
     c.augment.solarize = 0.2  # probability, second global crop only
+    # HED stain jitter (Tellez et al. 2018, 2019): per crop, each haematoxylin/eosin/DAB
+    # concentration becomes s * U(1-sigma, 1+sigma) + U(-sigma, sigma); 0 = off.
+    c.augment.hed_jitter = 0.0
     c.augment.mean = IMAGENET_MEAN
     c.augment.std = IMAGENET_STD
 
@@ -125,8 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # "synthetic" or "folder"
-    c.data.path = ""  # folder of PNG/JPEG tiles (searched recursively) for source="folder"
+    c.data.source = "synthetic"  # "synthetic", "folder" (image files) or "shards" (tile_wsi)
+    c.data.path = ""  # for folder/shards: searched recursively
     c.data.synthetic_size = 4096  # number of distinct synthetic images
     c.data.synthetic_image_size = 256
     c.data.worker_count = 0  # grain worker processes; 0 decodes in the main process

@@ -1,10 +1,12 @@
 """Random-access image sources for grain: `len(source)` and `source[i]` -> uint8 RGB [H, W, 3].
 
 `SyntheticSource` draws H&E-like tiles procedurally (tests, smoke runs, no data needed);
-`FolderSource` reads a folder of tile images. Both are cheap to pickle for grain's worker
-processes: they hold only sizes, seeds and file names.
+`FolderSource` reads a folder of tile images; `ShardSource` reads the ArrayRecord tile shards
+that `data_prep.tile_wsi` writes. All are cheap to send to grain's worker processes: they hold
+only sizes, seeds and file names (the ArrayRecord reader reopens its files there).
 """
 
+import io
 import os
 
 import numpy as np
@@ -112,11 +114,55 @@ class FolderSource:
             raise ValueError(f"cannot read image {name!r} ({e}); delete or re-export it") from e
 
 
+class ShardSource:
+    """Every tile in the `*.array_record` shards under `path` (recursively, sorted by path), as
+    written by `data_prep.tile_wsi`: record i -> its JPEG decoded to uint8 RGB."""
+
+    def __init__(self, path: str):
+        import grain  # only this source needs the ArrayRecord reader
+
+        path = os.fspath(path)
+        if not path or not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"data.path={path!r} is not a folder; point --config.data.path at the --out "
+                "folder of `python -m data_prep.tile_wsi`")
+        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path)
+                       for n in names if n.endswith(".array_record"))
+        if not files:
+            raise ValueError(f"data.path={path!r} holds no *.array_record shards; tile slides "
+                             "into it with `python -m data_prep.tile_wsi --out ...` first")
+        self.path, self.files = path, files
+        self._records = grain.sources.ArrayRecordDataSource(files)
+        if len(self._records) == 0:
+            raise ValueError(f"data.path={path!r}: its shards hold no tiles")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def record(self, index: int) -> tuple[bytes, dict]:
+        """(JPEG bytes, metadata) of tile `index`."""
+        from cfm.data.records import decode_tile
+
+        return decode_tile(self._records[int(index)])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        jpeg, meta = self.record(index)
+        try:
+            with Image.open(io.BytesIO(jpeg)) as img:
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"tile {index} in {self.path!r} (slide {meta.get('slide_id')}) does "
+                             f"not decode: {e}") from e
+
+
 def make_source(data_cfg, seed: int):
-    """The source `data_cfg.source` names: "synthetic" or "folder" (reads `data_cfg.path`)."""
+    """The source `data_cfg.source` names: "synthetic", "folder" or "shards" (the last two read
+    `data_cfg.path`)."""
     if data_cfg.source == "synthetic":
         return SyntheticSource(data_cfg.synthetic_size, data_cfg.synthetic_image_size, seed)
     if data_cfg.source == "folder":
         return FolderSource(data_cfg.path)
-    raise ValueError(f"data.source={data_cfg.source!r} is not supported; use 'synthetic' or "
-                     "'folder'")
+    if data_cfg.source == "shards":
+        return ShardSource(data_cfg.path)
+    raise ValueError(f"data.source={data_cfg.source!r} is not supported; use 'synthetic', "
+                     "'folder' or 'shards'")

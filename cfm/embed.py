@@ -1,0 +1,154 @@
+"""Tile embeddings for every tile in a set of tile shards, from a pretrained backbone.
+
+    python -m cfm.embed --model WORKDIR [--step N] --shards DIR --out DIR [--batch 128]
+
+`--model` is a cfm training workdir: its latest (or `--step`) checkpoint's teacher backbone is
+used, as DINOv2 releases the teacher. (Exported weights, issue 5, will be accepted here too.)
+Each tile is resized to the model's `img_size` (no crop) and normalised as in training; the
+embedding is the final-norm CLS token (D floats), DINOv2's image feature.
+
+Output in `--out`: `embeddings-XXXXX-of-YYYYY.npy` (float32 [n, D], `--per-file` rows each) and
+`index.csv` (file, row and the tile's manifest keys: slide_id, x, y, level, mpp, ...), written
+under temporary names and renamed, so a folder either holds a complete result or none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+
+def load_backbone(workdir: str, step: int | None = None):
+    """(config, ViT module, teacher backbone params) from a training workdir's checkpoint."""
+    import orbax.checkpoint as ocp
+
+    from cfm import train
+
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"--model {workdir!r} has no checkpoints/ folder; pass the "
+                                "--workdir of a cfm.train run")
+    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "config"))
+    steps = mngr.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"--model {workdir!r}: no complete checkpoint in {ckpt_dir}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step {step} not among the checkpoints {sorted(steps)}")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()))
+    config = ml_collections.ConfigDict(restored["config"])
+    params = jax.tree.map(np.asarray, restored["state"]["teacher"]["backbone"])
+    mngr.close()
+    return config, train.build_models(config).backbone, params, step
+
+
+def _prepare(tile: np.ndarray, size: int, mean, std) -> np.ndarray:
+    if tile.shape[:2] != (size, size):
+        tile = np.asarray(Image.fromarray(tile).resize((size, size), Image.BICUBIC))
+    return ((tile.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+            / np.asarray(std, np.float32))
+
+
+def embed(model: str, shards: str, out: str, step: int | None = None, batch: int = 128,
+          per_file: int = 100_000) -> int:
+    """Write the embeddings of every tile under `shards` to `out`; returns the tile count."""
+    from cfm.data.sources import ShardSource
+
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
+    config, backbone, params, step = load_backbone(model, step)
+    source = ShardSource(shards)
+    size = config.model.img_size
+    mean, std = config.augment.mean, config.augment.std
+    apply = jax.jit(lambda p, x: backbone.apply({"params": p}, x)["cls"])
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    n = len(source)
+    n_files = max(1, -(-n // per_file))  # files hold exactly per_file rows, the last the rest
+    rows, chunk, file_idx, in_file, dim = [], [], 0, 0, 0
+    meta_keys: list[str] = []
+    start = time.perf_counter()
+
+    def flush():
+        nonlocal chunk, file_idx, in_file
+        name = f"embeddings-{file_idx:05d}-of-{n_files:05d}.npy"
+        np.save(os.path.join(tmp, name), np.concatenate(chunk).astype(np.float32))
+        chunk, file_idx, in_file = [], file_idx + 1, 0
+
+    for lo in range(0, n, batch):
+        idx = range(lo, min(lo + batch, n))
+        tiles, metas = [], []
+        for i in idx:
+            jpeg, meta = source.record(i)
+            with Image.open(io.BytesIO(jpeg)) as img:
+                tiles.append(_prepare(np.asarray(img.convert("RGB")), size, mean, std))
+            metas.append(meta)
+        x = np.stack(tiles)
+        pad = batch - len(x)  # one compiled shape for every batch
+        feats = np.asarray(apply(params, np.pad(x, ((0, pad), (0, 0), (0, 0), (0, 0)))))
+        dim = feats.shape[-1]
+        for j, (i, meta) in enumerate(zip(idx, metas)):
+            meta_keys = meta_keys or sorted(meta)
+            chunk.append(feats[j:j + 1])
+            rows.append({"file": file_idx, "row": in_file, "tile": i,
+                         **{k: meta.get(k) for k in meta_keys}})
+            in_file += 1
+            if in_file == per_file:
+                flush()
+        done = min(lo + batch, n)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        print(f"\rcfm.embed: {done}/{n} tiles, {rate:.1f} tiles/s, eta {(n - done) / rate:.0f} s",
+              end="", file=sys.stderr, flush=True)
+    if chunk:
+        flush()
+    print(file=sys.stderr)
+    with open(os.path.join(tmp, "index.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "row", "tile"] + meta_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(tmp, "embed.json"), "w", encoding="utf-8") as f:
+        json.dump({"checkpoint_step": step, "variant": config.model.variant,
+                   "img_size": size, "dim": int(dim),
+                   "tiles": n, "feature": "teacher final-norm CLS token"}, f, indent=1)
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty, checked above
+    os.replace(tmp, out)
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cfm.embed", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="a cfm.train --workdir")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--shards", required=True, help="tile_wsi --out folder (ArrayRecord shards)")
+    ap.add_argument("--out", required=True, help="new folder for embeddings + index.csv")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--per-file", type=int, default=100_000, help="embedding rows per .npy file")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.per_file < 1:
+        ap.error("--batch and --per-file must be positive")
+    try:
+        n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"cfm.embed: {e}", file=sys.stderr)
+        return 2
+    print(f"cfm.embed: wrote {n} embeddings to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
