@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import time
 from typing import Any, NamedTuple
 
 import flax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from cfm import checkpoint, config_check, metrics, optim, schedules
 from cfm.models import heads, vit

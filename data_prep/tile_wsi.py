@@ -39,12 +39,9 @@ done, 1 some slide failed (see failures.csv), 2 bad usage.
 
 import argparse
 import concurrent.futures
-import csv
 import dataclasses
-import hashlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import secrets
@@ -54,22 +51,17 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cfm.data.records import decode_tile, encode_tile
+from cfm.data.records import encode_tile
 from data_prep import tissue
+from data_prep.shard_io import MANIFEST_FIELDS  # noqa: F401  (part of this module's interface)
+from data_prep.shard_io import (_csv_bytes, _file_sha256, _fsync_dir, _fsync_file, _read_csv,
+                                _scrub, atomic_write, pack_shards, salted_id)
+from data_prep.slide_io import (OPENSLIDE_SUFFIXES, PIL_SUFFIXES, SlideError, best_level,
+                                open_slide, read_thumbnail, tile_grid)
 
-# Slide formats looked for when --slides is a folder (list files may name anything).
-OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-                      ".svslide", ".bif", ".czi")
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-# A level may be this much (relative) coarser than the target mpp and still be used, so e.g. an
-# Aperio level at 1.008 um/px serves a 1.0 um/px target instead of a 4x larger read.
-LEVEL_MPP_TOLERANCE = 0.02
 # A target mpp finer than the slide's by more than this (relative) is skipped for that slide:
 # tiles would be upsampled blur (and a 352 um/px image would give millions of sub-pixel tiles).
 MAX_UPSAMPLE = 0.10
-# Thumbnail for tissue masks and QC: 4 um/px (about 16x below 0.25 um/px scans), <= 4096 px.
-THUMB_MPP = 4.0
-MAX_THUMB_SIDE = 4096
 QC_MAX_SIDE = 1024
 # Tile filters, on the resized uint8 RGB tile.
 WHITE_LEVEL = 220  # a pixel with all of R, G, B above this is background
@@ -83,148 +75,11 @@ PEN_MIN_SATURATION = 120  # PIL HSV scale 0-255
 PEN_HUE_RANGE = (40, 165)  # PIL hue 0-255 (~56-233 degrees): green through blue; eosin ~230-255
 BLACK_MAX_VALUE = 40  # HSV value below this is black ink (or a fold)
 MAX_PEN_FRACTION = 0.15  # more ink-coloured pixels than this -> dropped
-ID_HEX_DIGITS = 16
-HASH_CHUNK = 1 << 22
-MANIFEST_FIELDS = ("shard", "index", "slide_id", "x", "y", "level", "mpp", "tissue_fraction",
-                   "cohort")
 MAPPING_FIELDS = ("slide_id", "salt", "source_path", "size_bytes", "mtime_ns",
                   "content_sha256")
 # Settings that must match when a run is restarted on the same --out.
 CONFIG_KEYS = ("mpp", "tile_size", "min_tissue", "jpeg_quality", "tissue_preset", "cohort",
                "default_mpp")
-
-
-class SlideError(Exception):
-    """A slide that cannot be tiled; the message is the reason written to failures.csv."""
-
-
-# ----------------------------------------------------------------------------- slide readers
-class _OpenSlideReader:
-    """Pyramid levels of an OpenSlide slide; associated images (label, macro) are never read."""
-
-    def __init__(self, path: str):
-        import openslide  # optional dependency (extra `slides`), imported only when used
-        self._slide = openslide.OpenSlide(path)
-        self.level_dimensions = list(self._slide.level_dimensions)
-        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
-        props = self._slide.properties
-        try:
-            self.mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
-        except (KeyError, ValueError):
-            self.mpp = None
-
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
-        """RGB region of `width` x `height` level pixels whose top-left is level-0 (x, y)."""
-        region = self._slide.read_region((x, y), level, (width, height))
-        alpha = region.getchannel("A")
-        if alpha.getextrema() == (255, 255):
-            return region.convert("RGB")
-        background = Image.new("RGB", region.size, (255, 255, 255))  # no-data areas are glass
-        background.paste(region.convert("RGB"), mask=alpha)
-        return background
-
-    def close(self) -> None:
-        self._slide.close()
-
-
-class _PilReader:
-    """A plain PNG/JPEG/TIFF image as a one-level slide without microns-per-pixel."""
-
-    def __init__(self, path: str):
-        Image.MAX_IMAGE_PIXELS = None  # the user asked for this file; scans are large
-        with Image.open(path) as image:
-            self._image = image.convert("RGB")
-        self.level_dimensions = [self._image.size]
-        self.level_downsamples = [1.0]
-        self.mpp = None
-
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
-        """RGB crop (level is always 0); parts outside the image are white."""
-        inside = x + width <= self._image.width and y + height <= self._image.height
-        if x >= 0 and y >= 0 and inside:
-            return self._image.crop((x, y, x + width, y + height))
-        canvas = Image.new("RGB", (width, height), (255, 255, 255))
-        canvas.paste(self._image.crop((x, y, x + width, y + height)), (0, 0))
-        return canvas
-
-    def close(self) -> None:
-        self._image.close()
-
-
-def open_slide(path: str) -> "_OpenSlideReader | _PilReader":
-    """A reader for `path`: OpenSlide when it recognises the file, else PIL for PNG/JPEG/TIFF.
-
-    Without openslide-python installed (extra `slides`) only the PIL formats open.
-    """
-    try:
-        import openslide
-    except ImportError:
-        openslide = None
-    try:
-        vendor = openslide.OpenSlide.detect_format(path) if openslide else None
-    except Exception as err:  # noqa: BLE001 - any failure to probe is an open failure
-        raise SlideError(f"unopenable: {type(err).__name__}: {err}") from None
-    try:
-        if vendor is not None:
-            return _OpenSlideReader(path)
-        if path.lower().endswith(PIL_SUFFIXES):
-            return _PilReader(path)
-    except Exception as err:  # noqa: BLE001
-        raise SlideError(f"unopenable: {type(err).__name__}: {err}") from None
-    hint = "" if openslide else " (openslide-python is not installed)"
-    raise SlideError(f"unopenable: neither OpenSlide nor PIL reads this format{hint}")
-
-
-# ----------------------------------------------------------------------------- geometry
-def best_level(downsamples: list[float], slide_mpp: float, target_mpp: float) -> int:
-    """Coarsest level whose resolution (slide_mpp * downsample um/px) is still >= the target's,
-    within LEVEL_MPP_TOLERANCE; level 0 when even level 0 is coarser than the target."""
-    limit = target_mpp * (1.0 + LEVEL_MPP_TOLERANCE)
-    fits = [i for i, d in enumerate(downsamples) if slide_mpp * d <= limit]
-    return max(fits, key=lambda i: downsamples[i]) if fits else 0
-
-
-def tile_grid(width: int, height: int, footprint_x: float,
-              footprint_y: float) -> list[tuple[int, int]]:
-    """Level-0 top-left corners (x, y) of the full tiles of a non-overlapping grid, row-major.
-
-    Tile i of a row starts at round(i * footprint_x); only tiles lying wholly inside the slide
-    are listed, so there are floor(width / footprint_x) x floor(height / footprint_y).
-    """
-    cols = int(math.floor(width / footprint_x + 1e-9))
-    rows = int(math.floor(height / footprint_y + 1e-9))
-    return [(int(round(c * footprint_x)), int(round(r * footprint_y)))
-            for r in range(rows) for c in range(cols)]
-
-
-def read_thumbnail(reader, mpp: tuple[float, float]
-                   ) -> tuple[Image.Image, float, float, float]:
-    """(RGB thumbnail, its um/px, level-0 px per thumbnail px in x and y).
-
-    Read block by block from the coarsest level at least as fine as the thumbnail, so memory
-    stays bounded (about 64 MB per block) even for single-level gigapixel images.
-    """
-    width, height = reader.level_dimensions[0]
-    thumb_mpp = max(THUMB_MPP, mpp[0], mpp[1], max(width * mpp[0], height * mpp[1])
-                    / MAX_THUMB_SIDE)
-    level = best_level(reader.level_downsamples, max(mpp), thumb_mpp)
-    down = reader.level_downsamples[level]
-    level_w, level_h = reader.level_dimensions[level]
-    step_x, step_y = thumb_mpp / (mpp[0] * down), thumb_mpp / (mpp[1] * down)  # level px
-    thumb_w = max(1, int(math.ceil(level_w / step_x - 1e-9)))
-    thumb_h = max(1, int(math.ceil(level_h / step_y - 1e-9)))
-    thumb = Image.new("RGB", (thumb_w, thumb_h), (255, 255, 255))
-    block = max(1, int(4096 / max(step_x, step_y)))
-    for ty in range(0, thumb_h, block):
-        for tx in range(0, thumb_w, block):
-            tx1, ty1 = min(tx + block, thumb_w), min(ty + block, thumb_h)
-            lx0, ly0 = int(round(tx * step_x)), int(round(ty * step_y))
-            lx1 = max(lx0 + 1, min(int(round(tx1 * step_x)), level_w))
-            ly1 = max(ly0 + 1, min(int(round(ty1 * step_y)), level_h))
-            region = reader.read(int(round(lx0 * down)), int(round(ly0 * down)), level,
-                                 lx1 - lx0, ly1 - ly0)
-            thumb.paste(region.resize((tx1 - tx, ty1 - ty), Image.BILINEAR), (tx, ty))
-    return thumb, thumb_mpp, step_x * down, step_y * down
 
 
 # ----------------------------------------------------------------------------- tile filters
@@ -244,80 +99,6 @@ def tile_rejection(rgb: np.ndarray) -> str | None:
     if (ink | (val < BLACK_MAX_VALUE)).mean() > MAX_PEN_FRACTION:
         return "pen"
     return None
-
-
-# ----------------------------------------------------------------------------- files
-def _fsync_dir(folder: str) -> None:
-    """fsync a folder so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write bytes to path.<pid>.tmp, fsync, rename over path, fsync the folder."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _csv_bytes(fields, rows) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8")
-
-
-def _read_csv(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def salted_id(salt: str, basis: str) -> str:
-    """slide_id: first ID_HEX_DIGITS hex digits of sha256(salt + basis)."""
-    return hashlib.sha256((salt + basis).encode("utf-8")).hexdigest()[:ID_HEX_DIGITS]
-
-
-def _scrub(text: str, path: str) -> str:
-    """text with the slide's path, folder, name and stem (3+ characters) replaced by <slide>."""
-    absolute = os.path.abspath(path)
-    name = os.path.basename(absolute)
-    parts = [absolute, path, os.path.dirname(absolute), name, os.path.splitext(name)[0]]
-    for part in sorted({p for p in parts if len(p) >= 3}, key=len, reverse=True):
-        lowered = text.lower()
-        start = lowered.find(part.lower())
-        while start >= 0:
-            text = text[:start] + "<slide>" + text[start + len(part):]
-            lowered = text.lower()
-            start = lowered.find(part.lower(), start + len("<slide>"))
-    return text
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -470,76 +251,6 @@ def _write_qc(path: str, thumb: Image.Image, mask, boxes, mpps) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # no text chunks: nothing but pixels
     atomic_write(path, buffer.getvalue())
-
-
-# ----------------------------------------------------------------------------- packing
-def pack_shards(out: str, tiles_per_shard: int) -> int:
-    """Move staged slides into size-balanced shards; manifest.csv commits them. Returns tiles.
-
-    Shards not listed in manifest.csv (a crashed pack) are deleted first; staged slides already
-    in the manifest are dropped. New shards continue the numbering of the committed ones.
-    """
-    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-
-    manifest_path = os.path.join(out, "manifest.csv")
-    rows = _read_csv(manifest_path)
-    committed = {row["shard"] for row in rows}
-    packed = {row["slide_id"] for row in rows}
-    for name in os.listdir(out):
-        if name.startswith("tiles-") and name not in committed:
-            os.remove(os.path.join(out, name))
-    staging_dir = os.path.join(out, "staging")
-    pending = []
-    for name in sorted(os.listdir(staging_dir)):
-        slide_id, path = name.split(".")[0], os.path.join(staging_dir, name)
-        if name.endswith(".tmp"):  # a worker that crashed mid-slide
-            os.remove(path)
-            continue
-        if slide_id in packed or not os.path.exists(os.path.join(out, "done", slide_id + ".json")):
-            os.remove(path)
-            continue
-        pending.append(path)
-    if not pending:
-        return 0
-    counts = []
-    for path in pending:
-        reader = ArrayRecordReader(path)
-        counts.append(reader.num_records())
-        reader.close()
-    total = sum(counts)
-    n_shards = max(1, math.ceil(total / tiles_per_shard))
-    sizes = [total // n_shards + (1 if i < total % n_shards else 0) for i in range(n_shards)]
-    first = 1 + max([int(name[6:11]) for name in committed] or [-1])
-    names = [f"tiles-{first + i:05d}.array_record" for i in range(n_shards)]
-    shard, index, writer, new_rows = 0, 0, None, []
-
-    def finish(writer, name):
-        writer.close()
-        tmp = os.path.join(out, name + ".tmp")
-        _fsync_file(tmp)
-        os.replace(tmp, os.path.join(out, name))
-
-    for path, count in zip(pending, counts):
-        reader = ArrayRecordReader(path)
-        for begin in range(0, count, 1024):
-            for record in reader.read(list(range(begin, min(begin + 1024, count)))):
-                if writer is None:
-                    writer = ArrayRecordWriter(os.path.join(out, names[shard] + ".tmp"),
-                                               "group_size:1")
-                writer.write(record)
-                _, meta = decode_tile(record)
-                new_rows.append({"shard": names[shard], "index": index,
-                                 **{k: meta[k] for k in MANIFEST_FIELDS[2:]}})
-                index += 1
-                if index == sizes[shard]:
-                    finish(writer, names[shard])
-                    writer, shard, index = None, shard + 1, 0
-        reader.close()
-    _fsync_dir(out)
-    atomic_write(manifest_path, _csv_bytes(MANIFEST_FIELDS, rows + new_rows))
-    for path in pending:
-        os.remove(path)
-    return total
 
 
 # ----------------------------------------------------------------------------- CLI

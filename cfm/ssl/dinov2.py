@@ -13,7 +13,6 @@ image i), which keeps every image's crops on the device that loaded it.
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax

@@ -1,0 +1,150 @@
+"""Opening slides (OpenSlide formats and plain images), choosing pyramid levels, laying tile
+grids and reading thumbnails: the geometry half of `data_prep.tile_wsi`."""
+
+import math
+
+from PIL import Image
+
+# Slide formats looked for when --slides is a folder (list files may name anything).
+OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
+                      ".svslide", ".bif", ".czi")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# A level may be this much (relative) coarser than the target mpp and still be used, so e.g. an
+# Aperio level at 1.008 um/px serves a 1.0 um/px target instead of a 4x larger read.
+LEVEL_MPP_TOLERANCE = 0.02
+# Thumbnail for tissue masks and QC: 4 um/px (about 16x below 0.25 um/px scans), <= 4096 px.
+THUMB_MPP = 4.0
+MAX_THUMB_SIDE = 4096
+
+
+class SlideError(Exception):
+    """A slide that cannot be tiled; the message is the reason written to failures.csv."""
+
+
+# ----------------------------------------------------------------------------- slide readers
+class _OpenSlideReader:
+    """Pyramid levels of an OpenSlide slide; associated images (label, macro) are never read."""
+
+    def __init__(self, path: str):
+        import openslide  # optional dependency (extra `slides`), imported only when used
+        self._slide = openslide.OpenSlide(path)
+        self.level_dimensions = list(self._slide.level_dimensions)
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        props = self._slide.properties
+        try:
+            self.mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+        except (KeyError, ValueError):
+            self.mpp = None
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB region of `width` x `height` level pixels whose top-left is level-0 (x, y)."""
+        region = self._slide.read_region((x, y), level, (width, height))
+        alpha = region.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            return region.convert("RGB")
+        background = Image.new("RGB", region.size, (255, 255, 255))  # no-data areas are glass
+        background.paste(region.convert("RGB"), mask=alpha)
+        return background
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class _PilReader:
+    """A plain PNG/JPEG/TIFF image as a one-level slide without microns-per-pixel."""
+
+    def __init__(self, path: str):
+        Image.MAX_IMAGE_PIXELS = None  # the user asked for this file; scans are large
+        with Image.open(path) as image:
+            self._image = image.convert("RGB")
+        self.level_dimensions = [self._image.size]
+        self.level_downsamples = [1.0]
+        self.mpp = None
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB crop (level is always 0); parts outside the image are white."""
+        inside = x + width <= self._image.width and y + height <= self._image.height
+        if x >= 0 and y >= 0 and inside:
+            return self._image.crop((x, y, x + width, y + height))
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(self._image.crop((x, y, x + width, y + height)), (0, 0))
+        return canvas
+
+    def close(self) -> None:
+        self._image.close()
+
+
+def open_slide(path: str) -> "_OpenSlideReader | _PilReader":
+    """A reader for `path`: OpenSlide when it recognises the file, else PIL for PNG/JPEG/TIFF.
+
+    Without openslide-python installed (extra `slides`) only the PIL formats open.
+    """
+    try:
+        import openslide
+    except ImportError:
+        openslide = None
+    try:
+        vendor = openslide.OpenSlide.detect_format(path) if openslide else None
+    except Exception as err:  # noqa: BLE001 - any failure to probe is an open failure
+        raise SlideError(f"unopenable: {type(err).__name__}: {err}") from None
+    try:
+        if vendor is not None:
+            return _OpenSlideReader(path)
+        if path.lower().endswith(PIL_SUFFIXES):
+            return _PilReader(path)
+    except Exception as err:  # noqa: BLE001
+        raise SlideError(f"unopenable: {type(err).__name__}: {err}") from None
+    hint = "" if openslide else " (openslide-python is not installed)"
+    raise SlideError(f"unopenable: neither OpenSlide nor PIL reads this format{hint}")
+
+
+# ----------------------------------------------------------------------------- geometry
+def best_level(downsamples: list[float], slide_mpp: float, target_mpp: float) -> int:
+    """Coarsest level whose resolution (slide_mpp * downsample um/px) is still >= the target's,
+    within LEVEL_MPP_TOLERANCE; level 0 when even level 0 is coarser than the target."""
+    limit = target_mpp * (1.0 + LEVEL_MPP_TOLERANCE)
+    fits = [i for i, d in enumerate(downsamples) if slide_mpp * d <= limit]
+    return max(fits, key=lambda i: downsamples[i]) if fits else 0
+
+
+def tile_grid(width: int, height: int, footprint_x: float,
+              footprint_y: float) -> list[tuple[int, int]]:
+    """Level-0 top-left corners (x, y) of the full tiles of a non-overlapping grid, row-major.
+
+    Tile i of a row starts at round(i * footprint_x); only tiles lying wholly inside the slide
+    are listed, so there are floor(width / footprint_x) x floor(height / footprint_y).
+    """
+    cols = int(math.floor(width / footprint_x + 1e-9))
+    rows = int(math.floor(height / footprint_y + 1e-9))
+    return [(int(round(c * footprint_x)), int(round(r * footprint_y)))
+            for r in range(rows) for c in range(cols)]
+
+
+def read_thumbnail(reader, mpp: tuple[float, float]
+                   ) -> tuple[Image.Image, float, float, float]:
+    """(RGB thumbnail, its um/px, level-0 px per thumbnail px in x and y).
+
+    Read block by block from the coarsest level at least as fine as the thumbnail, so memory
+    stays bounded (about 64 MB per block) even for single-level gigapixel images.
+    """
+    width, height = reader.level_dimensions[0]
+    thumb_mpp = max(THUMB_MPP, mpp[0], mpp[1], max(width * mpp[0], height * mpp[1])
+                    / MAX_THUMB_SIDE)
+    level = best_level(reader.level_downsamples, max(mpp), thumb_mpp)
+    down = reader.level_downsamples[level]
+    level_w, level_h = reader.level_dimensions[level]
+    step_x, step_y = thumb_mpp / (mpp[0] * down), thumb_mpp / (mpp[1] * down)  # level px
+    thumb_w = max(1, int(math.ceil(level_w / step_x - 1e-9)))
+    thumb_h = max(1, int(math.ceil(level_h / step_y - 1e-9)))
+    thumb = Image.new("RGB", (thumb_w, thumb_h), (255, 255, 255))
+    block = max(1, int(4096 / max(step_x, step_y)))
+    for ty in range(0, thumb_h, block):
+        for tx in range(0, thumb_w, block):
+            tx1, ty1 = min(tx + block, thumb_w), min(ty + block, thumb_h)
+            lx0, ly0 = int(round(tx * step_x)), int(round(ty * step_y))
+            lx1 = max(lx0 + 1, min(int(round(tx1 * step_x)), level_w))
+            ly1 = max(ly0 + 1, min(int(round(ty1 * step_y)), level_h))
+            region = reader.read(int(round(lx0 * down)), int(round(ly0 * down)), level,
+                                 lx1 - lx0, ly1 - ly0)
+            thumb.paste(region.resize((tx1 - tx, ty1 - ty), Image.BILINEAR), (tx, ty))
+    return thumb, thumb_mpp, step_x * down, step_y * down
