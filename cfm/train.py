@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from cfm import checkpoint, config_check, metrics, optim, schedules
 from cfm.models import heads, vit
 from cfm.parallel import mesh as mesh_lib
+from cfm.parallel import sharding
 from cfm.ssl import dinov2
 
 
@@ -83,8 +84,8 @@ def create_state(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
     in `cfm.parallel.mesh`."""
     rng = jax.random.key(config.seed)
     boxed = jax.eval_shape(functools.partial(_init_params, config, models), rng)
-    logical = nn.get_partition_spec(boxed)
-    param_sh = nn.logical_to_mesh_sharding(logical, mesh, mesh_lib.DEFAULT_RULES)
+    rules = sharding.rules_from_config(config)
+    param_sh = sharding.param_shardings(boxed, mesh, rules, config.sharding.min_shard_size)
     depth = vit.spec(config.model.variant).depth
     tx = optim.dinov2_adamw(config, nn.meta.unbox(boxed), depth)
     repl = mesh_lib.replicated(mesh)
@@ -102,7 +103,7 @@ def create_state(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
     opt_sh = opt_sh._replace(adam=opt_sh.adam._replace(mu=param_sh, nu=param_sh))
     shardings = TrainState(step=repl, params=param_sh, teacher=param_sh, opt_state=opt_sh,
                            centers=jax.tree.map(lambda _: repl, abstract.centers), rng=repl)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings, tx
 
@@ -134,8 +135,14 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models,
 def jit_train_step(config, models: Models, tx, buffer_size: int, mesh: Mesh,
                    shardings: TrainState, batch_ndims: dict):
     step_fn = make_train_step(config, models, tx, buffer_size)
+    rules = sharding.rules_from_config(config)
+
+    def step_with_rules(state, batch):  # activation constraints resolve through the rules
+        with nn.logical_axis_rules(rules):
+            return step_fn(state, batch)
+
     batch_sh = {k: mesh_lib.batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+    return jax.jit(step_with_rules, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -156,6 +163,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh = mesh_lib.make_mesh(config.mesh)
     except ValueError as e:
         raise config_check.ConfigError(f"config.mesh: {e}") from None
+    if mesh.shape["data"] > 1 and mesh.shape["tensor"] > 1:
+        raise config_check.ConfigError(
+            f"config.mesh={dict(mesh.shape)}: data and tensor parallelism together give NaN "
+            "gradients (a known bug, tests/test_train.py); put the data-parallel devices on fsdp")
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % n_batch_shards:
         raise config_check.ConfigError(
@@ -206,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main)
     last: dict = {}
     local = first
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+    with jax.set_mesh(mesh):
         for step in range(start, total_steps):
             state, out = step_fn(state, global_batch(local, mesh))
             done = step + 1

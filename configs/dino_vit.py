@@ -33,6 +33,8 @@ Override any key on the command line, e.g. `--config.batch_size=64 --config.mode
 
 import ml_collections
 
+from cfm.parallel import sharding
+
 # Mean and std of ImageNet RGB in [0, 1]; DINOv2, UNI and Phikon-v2 all normalise with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,6 +147,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+
+    # Logical axis -> mesh axes (cfm.parallel.sharding): data parallel over data x fsdp, FSDP on
+    # every weight's embed axis, tensor parallelism on heads, MLP units and prototypes.
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = sharding.DEFAULT_RULES
+    c.sharding.min_shard_size = 2 ** 16  # parameters with fewer elements stay replicated
 
     c.log_every = 10
     c.checkpoint_every = 1000

@@ -7,8 +7,10 @@ token that replaces masked patches (iBOT). Attention goes through `jax.nn.dot_pr
 (cuDNN flash attention on GPUs) on accelerators and through a heads-major einsum on CPU
 (`cfm.models.ops.attention`).
 
-Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `layers`, ...); the
-mesh rules in `cfm.parallel` map them to mesh axes. Parameters are float32; `dtype` is the compute
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `layers`, ...) and
+activations carry their own (`act_batch`, `act_seq`, `act_embed`, ...), so FSDP can shard a
+weight's `embed` axis while activations keep theirs whole; the rules in `cfm.parallel.sharding`
+map both onto mesh axes. Parameters are float32; `dtype` is the compute
 dtype.
 """
 
@@ -86,7 +88,7 @@ class MLP(nn.Module):
             hidden = swiglu_hidden(self.mlp_dim)
             h = dense(2 * hidden, ("embed", "mlp"), "w12")(x)
             h = nn.silu(h[..., :hidden]) * h[..., hidden:]
-        h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
+        h = nn.with_logical_constraint(h, ("act_batch", "act_seq", "act_mlp"))
         return dense(width, ("mlp", "embed"), "fc2")(h)
 
 
@@ -109,7 +111,7 @@ class Attention(nn.Module):
             qkv = qkv + b_qkv.astype(self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
         out = ops.attention(q, k, v, self.impl)
-        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
+        out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", "act_kv"))
         w_out = self.param("proj_kernel", _init(TRUNC, ("heads", "kv", "embed")),
                            (self.heads, hd, width))
         b_out = self.param("proj_bias", _init(nn.initializers.zeros, ("embed",)), (width,))
@@ -165,7 +167,7 @@ class Block(nn.Module):
         x = x + drop_path(ls("ls1")(y), self.drop_path_rate, rng())
         y = MLP(self.mlp_dim, self.ffn, self.dtype, name="mlp")(_norm(self.dtype, "norm2")(x))
         x = x + drop_path(ls("ls2")(y), self.drop_path_rate, rng())
-        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        return nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
 
 
 class ScanBlock(Block):
@@ -252,7 +254,7 @@ class ViT(nn.Module):
                              (1, self.num_registers, d))
             tokens.append(jnp.broadcast_to(reg.astype(x.dtype), (b, self.num_registers, d)))
         x = jnp.concatenate(tokens + [x], axis=1)
-        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
 
         kw = dict(heads=s.heads, mlp_dim=s.mlp_dim, ffn=self.ffn, qkv_bias=self.qkv_bias,
                   layerscale_init=self.layerscale_init, drop_path_rate=self.drop_path_rate,

@@ -2,8 +2,8 @@
 
 Mesh axes are `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and
 optimiser state) and `tensor` (attention heads and MLP hidden units split). The batch is split
-over `data` and `fsdp` together. Issue 4 adds FSDP/tensor rules, hybrid multi-slice meshes and
-multi-host start-up; this module is the one place that builds meshes.
+over `data` and `fsdp` together; `cfm.parallel.sharding` holds the rules that place parameters
+and activations. This module is the one place that builds meshes.
 """
 
 from __future__ import annotations
@@ -18,19 +18,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
-
-# Logical name -> mesh axis (or None = replicated). Activations: batch over data+fsdp.
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("seq", None),
-    ("embed", None),
-    ("mlp", None),
-    ("heads", None),
-    ("kv", None),
-    ("vocab", None),
-    ("layers", None),
-)
-
 
 def axis_sizes(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
     """Resolve `mesh.{data,fsdp,tensor}` (one may be -1 = the rest) against the device count."""
