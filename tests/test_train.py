@@ -94,6 +94,7 @@ def test_objective_options_run(overrides):
     (["--config.ssl.centering=median"], "ssl.centering"),
     (["--config.batch_size=7"], "batch_size"),  # 8 test devices
     (["--config.mesh.data=3"], "config.mesh"),
+    (["--config.mesh.data=2", "--config.mesh.tensor=4"], "data and tensor"),
 ])
 def test_bad_config_stops_before_work(tmp_path, capsys, args, message):
     argv = ["cfm.train", "--config", f"{ROOT}/configs/dino_vit.py:test", "--workdir",
