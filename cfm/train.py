@@ -252,12 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     try:
         flags_def(argv)
-    except flags.Error as e:
-        print(f"cfm.train: {e}", file=sys.stderr)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        # ml_collections raises KeyError (with a did-you-mean) for a misspelt --config.key and
+        # TypeError/ValueError for a value of the wrong type; absl raises flags.Error.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"cfm.train: bad command line: {msg}", file=sys.stderr)
         return 2
     if flags_def.config is None or flags_def.workdir is None:
         print("cfm.train: both --config configs/<file>.py:<arg> and --workdir DIR are required",
               file=sys.stderr)
+        return 2
+    from cfm.parallel import distributed  # before anything starts a JAX backend
+    try:
+        distributed.initialize()  # CFM_*, SLURM or TPU-pod processes join; one process: no-op
+    except distributed.DistributedConfigError as e:
+        print(f"cfm.train: bad multi-process setup: {e}", file=sys.stderr)
         return 2
     try:
         train(flags_def.config, flags_def.workdir)

@@ -88,7 +88,8 @@ def test_objective_options_run(overrides):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.modle.variant=vit_s16"], "modle"),
+    (["--config.modle.variant=vit_s16"], 'Did you mean "model"'),
+    (["--config.batch_size=big"], "batch_size"),
     (["--config.model.variant=vit_zz"], "model.variant"),
     (["--config.crops.local_size=20"], "crops.local_size"),
     (["--config.ssl.centering=median"], "ssl.centering"),
@@ -96,12 +97,19 @@ def test_objective_options_run(overrides):
     (["--config.mesh.data=3"], "config.mesh"),
     (["--config.mesh.data=2", "--config.mesh.tensor=4"], "data and tensor"),
 ])
-def test_bad_config_stops_before_work(tmp_path, capsys, args, message):
-    argv = ["cfm.train", "--config", f"{ROOT}/configs/dino_vit.py:test", "--workdir",
-            str(tmp_path / "w")] + args
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
+def test_bad_config_stops_before_work(tmp_path, args, message):
+    """As a user runs it: a fresh process, exit status 2, the key named, nothing written."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cfm.train", "--config", f"{ROOT}/configs/dino_vit.py:test",
+           "--workdir", str(tmp_path / "w")] + args
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
