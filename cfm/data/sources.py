@@ -20,6 +20,21 @@ _STROMA = np.array([214.0, 120.0, 170.0], np.float32)
 _NUCLEUS = np.array([92.0, 58.0, 140.0], np.float32)
 
 
+def _find_files(path: str, suffixes: tuple[str, ...], folder_hint: str, empty_hint: str
+                ) -> list[str]:
+    """Files under `path` (recursively, sorted) whose names end in `suffixes`; clear errors
+    naming `data.path` for a missing folder or one without such files."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"data.path={path!r} is not a folder; point --config.data.path "
+                                f"at {folder_hint}")
+    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path)
+                   for n in names if n.lower().endswith(suffixes))
+    if not files:
+        raise ValueError(f"data.path={path!r} holds no {'/'.join(suffixes)} files (searched "
+                         f"recursively); {empty_hint}")
+    return files
+
+
 class SyntheticSource:
     """`size` deterministic H&E-like RGB images of `image_size` pixels, image i seeded by (seed, i).
 
@@ -81,21 +96,11 @@ class FolderSource:
     """
 
     def __init__(self, path: str):
-        path = os.fspath(path)
-        if not path or not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"data.path={path!r} is not a folder; point --config.data.path at a folder of "
-                "image tiles (for the demo: python -m data_prep.demo_tiles --out THAT_FOLDER)")
-        files = []
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
-        if not files:
-            raise ValueError(
-                f"data.path={path!r} holds no {'/'.join(IMAGE_SUFFIXES)} files (searched "
-                "recursively); put image tiles there or point --config.data.path elsewhere")
-        self.path = path
-        self.files = sorted(files)
+        self.path = os.fspath(path)
+        self.files = _find_files(
+            self.path, IMAGE_SUFFIXES,
+            "image tiles (for the demo: python -m data_prep.demo_tiles --out THAT_FOLDER)",
+            "put image tiles there or point --config.data.path elsewhere")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -121,20 +126,13 @@ class ShardSource:
     def __init__(self, path: str):
         import grain  # only this source needs the ArrayRecord reader
 
-        path = os.fspath(path)
-        if not path or not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"data.path={path!r} is not a folder; point --config.data.path at the --out "
-                "folder of `python -m data_prep.tile_wsi`")
-        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path)
-                       for n in names if n.endswith(".array_record"))
-        if not files:
-            raise ValueError(f"data.path={path!r} holds no *.array_record shards; tile slides "
-                             "into it with `python -m data_prep.tile_wsi --out ...` first")
-        self.path, self.files = path, files
-        self._records = grain.sources.ArrayRecordDataSource(files)
+        self.path = os.fspath(path)
+        self.files = _find_files(self.path, (".array_record",),
+                                 "the --out folder of `python -m data_prep.tile_wsi`",
+                                 "tile slides into it with `python -m data_prep.tile_wsi` first")
+        self._records = grain.sources.ArrayRecordDataSource(self.files)
         if len(self._records) == 0:
-            raise ValueError(f"data.path={path!r}: its shards hold no tiles")
+            raise ValueError(f"data.path={self.path!r}: its shards hold no tiles")
 
     def __len__(self) -> int:
         return len(self._records)
