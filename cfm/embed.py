@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shutil
@@ -92,9 +91,8 @@ def embed(model: str, shards: str, out: str, step: int | None = None, batch: int
         idx = range(lo, min(lo + batch, n))
         tiles, metas = [], []
         for i in idx:
-            jpeg, meta = source.record(i)
-            with Image.open(io.BytesIO(jpeg)) as img:
-                tiles.append(_prepare(np.asarray(img.convert("RGB")), size, mean, std))
+            rgb, meta = source.tile(i)
+            tiles.append(_prepare(rgb, size, mean, std))
             metas.append(meta)
         x = np.stack(tiles)
         pad = batch - len(x)  # one compiled shape for every batch

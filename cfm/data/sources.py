@@ -143,14 +143,18 @@ class ShardSource:
 
         return decode_tile(self._records[int(index)])
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def tile(self, index: int) -> tuple[np.ndarray, dict]:
+        """(uint8 RGB [H, W, 3], metadata) of tile `index`."""
         jpeg, meta = self.record(index)
         try:
             with Image.open(io.BytesIO(jpeg)) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+                return np.asarray(img.convert("RGB"), dtype=np.uint8), meta
         except (OSError, ValueError, SyntaxError) as e:
             raise ValueError(f"tile {index} in {self.path!r} (slide {meta.get('slide_id')}) does "
                              f"not decode: {e}") from e
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.tile(index)[0]
 
 
 def make_source(data_cfg, seed: int):
