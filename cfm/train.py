@@ -163,10 +163,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh = mesh_lib.make_mesh(config.mesh)
     except ValueError as e:
         raise config_check.ConfigError(f"config.mesh: {e}") from None
-    if mesh.shape["data"] > 1 and mesh.shape["tensor"] > 1:
-        raise config_check.ConfigError(
-            f"config.mesh={dict(mesh.shape)}: data and tensor parallelism together give NaN "
-            "gradients (a known bug, tests/test_train.py); put the data-parallel devices on fsdp")
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % n_batch_shards:
         raise config_check.ConfigError(
@@ -178,8 +174,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         os.makedirs(workdir, exist_ok=True)
         print(f"cfm.train: {config.model.variant}, batch {config.batch_size}, {total_steps} steps,"
-              f" mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s)", flush=True)
+              f" mesh {dict(mesh.shape)}"
+              + (f" over {config.mesh.slices} slices" if config.mesh.slices > 1 else "")
+              + f" on {jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
 
     # ---- models and state (fresh, or the latest checkpoint in workdir) ------------------------
     models = build_models(config)

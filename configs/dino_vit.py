@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.slices = 1  # TPU slices (multi-slice over DCN) or hosts the data axis spans
 
     # Logical axis -> mesh axes (cfm.parallel.sharding): data parallel over data x fsdp, FSDP on
     # every weight's embed axis, tensor parallelism on heads, MLP units and prototypes.

@@ -25,7 +25,8 @@ from cfm.parallel import distributed
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # for the three runs together (about 50 s on 2 CPU cores)
 
-# Trains the tiny preset for 5 steps into argv[2] after joining the process group in argv[1].
+# Trains the tiny preset for 5 steps into argv[2] after joining the process group in argv[1],
+# with the config overrides in argv[3].
 _WORKER = """\
 import json, sys
 from cfm.parallel import distributed
@@ -33,8 +34,8 @@ distributed.initialize(**json.loads(sys.argv[1]))
 distributed.initialize(**json.loads(sys.argv[1]))  # a second call is harmless
 from cfm import train
 from tests.test_train import _tiny
-train.train(_tiny(total_steps=5, log_every=1, checkpoint_every=5, **{"mesh.data": -1}),
-            sys.argv[2])
+train.train(_tiny(total_steps=5, log_every=1, checkpoint_every=5,
+                  **{"mesh.data": -1, **json.loads(sys.argv[3])}), sys.argv[2])
 """
 
 _TERMS = ("loss", "dino", "ibot", "koleo")
@@ -47,7 +48,8 @@ def _free_port() -> int:
 
 
 def _start(script: pathlib.Path, init: dict, workdir: pathlib.Path, n_devices: int,
-           log: pathlib.Path, **extra_env: str) -> tuple[subprocess.Popen, pathlib.Path]:
+           log: pathlib.Path, overrides: dict | None = None, **extra_env: str
+           ) -> tuple[subprocess.Popen, pathlib.Path]:
     """A worker process with `n_devices` forced CPU devices, joining the process group given
     by `init` (initialize's arguments) or `extra_env`; stdout+stderr go to `log`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CFM_", "SLURM_"))}
@@ -59,7 +61,8 @@ def _start(script: pathlib.Path, init: dict, workdir: pathlib.Path, n_devices: i
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
                    os.pathsep))
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(init), str(workdir)],
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(init), str(workdir),
+                             json.dumps(overrides or {})],
                             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     out.close()
     return proc, log
@@ -93,21 +96,25 @@ def _history(workdir: pathlib.Path) -> list[dict]:
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """2 processes x 2 CPU devices train exactly as 1 process x 4 devices (batch 8, 5 steps)."""
+    """2 processes x 2 CPU devices train exactly as 1 process x 4 devices (batch 8, 5 steps).
+    The 2-process run uses a hybrid mesh with each process as one slice (`mesh.slices=2`, as
+    a two-slice TPU job lays out its data axis)."""
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     multi, single = tmp_path / "multi", tmp_path / "single"
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [  # process 0 from arguments, process 1 from the CFM_* environment variables
         _start(script, {"coordinator": coordinator, "num_processes": 2, "process_id": 0},
-               multi, 2, tmp_path / "worker0.log"),
-        _start(script, {}, multi, 2, tmp_path / "worker1.log", CFM_COORDINATOR=coordinator,
+               multi, 2, tmp_path / "worker0.log", {"mesh.slices": 2}),
+        _start(script, {}, multi, 2, tmp_path / "worker1.log", {"mesh.slices": 2},
+               CFM_COORDINATOR=coordinator,
                CFM_NUM_PROCESSES="2", CFM_PROCESS_ID="1")]
     procs.append(_start(script, {}, single, 4, tmp_path / "single.log"))  # runs alongside
     _wait_all(procs)
 
     logs = [log.read_text() for _, log in procs]
     assert "cfm.distributed: 2 processes joined" in logs[0], logs[0]
+    assert "over 2 slices" in logs[0], logs[0]
     assert "step 5/5" in logs[0] and "step " not in logs[1], logs[1]  # only process 0 logs
     assert "cfm.distributed" not in logs[2], logs[2]  # one process: nothing joined
     a, b = _history(multi), _history(single)

@@ -4,6 +4,11 @@ Mesh axes are `data` (pure data parallel), `fsdp` (data parallel with sharded pa
 optimiser state) and `tensor` (attention heads and MLP hidden units split). The batch is split
 over `data` and `fsdp` together; `cfm.parallel.sharding` holds the rules that place parameters
 and activations. This module is the one place that builds meshes.
+
+Multi-slice TPU jobs (and GPU clusters, where a host is the slow-network unit) set
+`mesh.slices=S`: the `data` axis is then S slices x (data / S) devices, slices talk over the
+data-centre network (DCN) and only for the data-parallel gradient reduction, while `fsdp` and
+`tensor` stay inside a slice on the fast interconnect (ICI), as in MaxText's hybrid meshes.
 """
 
 from __future__ import annotations
@@ -40,14 +45,47 @@ def axis_sizes(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh with axes (data, fsdp, tensor), laid out along the physical topology."""
+    """A Mesh with axes (data, fsdp, tensor), laid out along the physical topology; with
+    `mesh_cfg.slices > 1`, a hybrid mesh whose `data` axis spans the slices (see module doc)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = axis_sizes(mesh_cfg, len(devices))
+    slices = int(mesh_cfg.get("slices", 1))
+    if slices > 1:
+        return Mesh(hybrid_device_array(shape, slices, devices), AXES)
+    if slices < 1:
+        raise ValueError(f"mesh.slices must be >= 1, got {slices}")
     try:
         arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU and odd device counts have no topology to follow
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, AXES)
+
+
+def hybrid_device_array(shape: Sequence[int], slices: int, devices: Sequence) -> np.ndarray:
+    """Devices arranged as `shape` (data, fsdp, tensor) with `data` split into `slices` blocks,
+    each block holding the devices of one slice (TPU `slice_index`; where all devices report
+    the same slice, as GPUs and CPUs do, each process is a slice)."""
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise ValueError(f"mesh.data={data} must be a multiple of mesh.slices={slices}: data "
+                         "parallelism is what runs across slices")
+    granule = "slice_index"  # TPU slices; GPUs and CPUs report one slice (or none): processes
+    if len({getattr(d, "slice_index", 0) for d in devices}) == 1:
+        granule = "process_index"
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(getattr(d, granule), []).append(d)
+    if len(groups) != slices:
+        unit = "slice" if granule == "slice_index" else "process"
+        raise ValueError(f"mesh.slices={slices} but the devices come from {len(groups)} {unit}"
+                         f"{'' if len(groups) == 1 else ('s' if unit == 'slice' else 'es')}")
+    ici = (data // slices, fsdp, tensor)
+    try:
+        arr = jax.experimental.mesh_utils.create_hybrid_device_mesh(
+            ici, (slices, 1, 1), devices, process_is_granule=granule == "process_index")
+    except Exception:  # no physical topology (CPU): slice blocks in device order
+        arr = np.concatenate([np.asarray(groups[k]).reshape(ici) for k in sorted(groups)])
+    return arr
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -30,13 +30,18 @@ def normalise(images: jax.Array, mean, std) -> jax.Array:
 
 def _heads(params: dict, dino_head: nn.Module, ibot_head: nn.Module | None, cls: jax.Array,
            patches: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """DINO logits for CLS rows and iBOT logits for patch rows (one call when the head is shared,
-    as DINOv2 does)."""
-    if ibot_head is None:
-        out = dino_head.apply({"params": params["dino_head"]}, jnp.concatenate([cls, patches]))
-        return out[: cls.shape[0]], out[cls.shape[0]:]
+    """DINO logits for CLS rows and iBOT logits for patch rows.
+
+    When iBOT shares the DINO head (DINOv2's default) the head is applied to the two sets of
+    rows separately rather than to their concatenation, as DINOv2 does: the head acts row by row,
+    so the result is the same, and concatenating a batch-sharded [2B, D] array with the
+    masked-token buffer made XLA's SPMD partitioner return NaN gradients on meshes with both
+    `data` and `tensor` axes (jax 0.10.2, CPU; tests/test_train.py covers that mesh).
+    """
+    head = ibot_head if ibot_head is not None else dino_head
+    name = "ibot_head" if ibot_head is not None else "dino_head"
     return (dino_head.apply({"params": params["dino_head"]}, cls),
-            ibot_head.apply({"params": params["ibot_head"]}, patches))
+            head.apply({"params": params[name]}, patches))
 
 
 def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head: nn.Module,
