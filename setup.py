@@ -23,6 +23,7 @@ setup(
         "pillow>=10.0",  # PNG/JPEG decode and crop resizing in the data pipeline
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # the loss-curve PNG left in every workdir
+        "safetensors>=0.8.0",  # exported weights: no pickle, readable by timm/PyTorch users
     ],
     extras_require={
         # openslide-bin ships the OpenSlide C library as a wheel: no system package needed.
@@ -32,5 +33,8 @@ setup(
                  "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11"],
         "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
         "tpu": ["jax[tpu]"],
+        # Only to check timm exports against cfm (tests/test_export.py); versions that import
+        # together (torch 2.14.1 is the x86_64 wheel pip finds locally on our CI image).
+        "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31"],
     },
 )

@@ -1,9 +1,9 @@
 """Tile embeddings for every tile in a set of tile shards, from a pretrained backbone.
 
-    python -m cfm.embed --model WORKDIR [--step N] --shards DIR --out DIR [--batch 128]
+    python -m cfm.embed --model WORKDIR|EXPORT [--step N] --shards DIR --out DIR [--batch 128]
 
-`--model` is a cfm training workdir: its latest (or `--step`) checkpoint's teacher backbone is
-used, as DINOv2 releases the teacher. (Exported weights, issue 5, will be accepted here too.)
+`--model` is a cfm training workdir (its latest, or `--step`, checkpoint's teacher backbone, as
+DINOv2 releases the teacher) or a `python -m cfm.export` folder in orbax or safetensors format.
 Each tile is resized to the model's `img_size` (no crop) and normalised as in training; the
 embedding is the final-norm CLS token (D floats), DINOv2's image feature.
 
@@ -28,29 +28,14 @@ import numpy as np
 from PIL import Image
 
 
-def load_backbone(workdir: str, step: int | None = None):
-    """(config, ViT module, teacher backbone params) from a training workdir's checkpoint."""
-    import orbax.checkpoint as ocp
+def load_backbone(model: str, step: int | None = None):
+    """(training config, ViT module, teacher backbone params, step) from a cfm.train workdir
+    (its latest or `step` checkpoint) or a cfm.export folder (orbax or safetensors format)."""
+    from cfm import pretrained
 
-    from cfm import train
-
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"--model {workdir!r} has no checkpoints/ folder; pass the "
-                                "--workdir of a cfm.train run")
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "config"))
-    steps = mngr.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"--model {workdir!r}: no complete checkpoint in {ckpt_dir}")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise ValueError(f"--step {step} not among the checkpoints {sorted(steps)}")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()))
-    config = ml_collections.ConfigDict(restored["config"])
-    params = jax.tree.map(np.asarray, restored["state"]["teacher"]["backbone"])
-    mngr.close()
-    return config, train.build_models(config).backbone, params, step
+    p = pretrained.load(model, step)
+    config = ml_collections.ConfigDict(p.info["provenance"]["training_config"])
+    return config, p.module, p.params, p.step
 
 
 def _prepare(tile: np.ndarray, size: int, mean, std) -> np.ndarray:
@@ -129,7 +114,8 @@ def embed(model: str, shards: str, out: str, step: int | None = None, batch: int
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cfm.embed", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a cfm.train --workdir")
+    ap.add_argument("--model", required=True,
+                    help="a cfm.train --workdir or a cfm.export folder (orbax/safetensors)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--shards", required=True, help="tile_wsi --out folder (ArrayRecord shards)")
     ap.add_argument("--out", required=True, help="new folder for embeddings + index.csv")
