@@ -36,8 +36,13 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
                      "keep_checkpoints", "model.img_size"]
     for k in positive_ints:
         _check(isinstance(g(k), int) and g(k) > 0, k, g(k), "must be a positive integer")
-    for k in ["crops.n_local", "model.num_registers", "data.worker_count"]:
+    for k in ["crops.n_local", "model.num_registers", "data.worker_count", "keep_every",
+              "mesh.slices"]:
         _check(isinstance(g(k), int) and g(k) >= 0, k, g(k), "must be an integer >= 0")
+    _check(isinstance(g("resume_step"), int) and g("resume_step") >= -1, "resume_step",
+           g("resume_step"), "must be -1 (the latest checkpoint) or a step >= 0")
+    _check(isinstance(g("init_from_step"), int) and g("init_from_step") >= -1, "init_from_step",
+           g("init_from_step"), "must be -1 (the latest checkpoint) or a step >= 0")
     _check(g("total_steps") == -1 or g("total_steps") > 0, "total_steps", g("total_steps"),
            "must be -1 (epochs * steps_per_epoch) or positive")
     _check(g("model.variant") in vit.VARIANTS, "model.variant", g("model.variant"),

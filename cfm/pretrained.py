@@ -168,13 +168,10 @@ def checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     return ckpt_dir, steps
 
 
-def read_checkpoint(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
-    """(training config as a dict, teacher backbone params as numpy in the per-block layout,
-    step) from the latest (or `step`) checkpoint of a cfm.train workdir.
-
-    Only `state.teacher.backbone` is read (orbax partial restore into numpy arrays, the target
-    built from the stored config), so this runs on a CPU-only host whatever mesh the run used.
-    """
+def read_checkpoint_config(workdir: str, step: int | None = None) -> tuple[dict, dict, str, int]:
+    """(training config as a dict, architecture, the step's folder, step) of the latest (or
+    `step`) checkpoint of a cfm.train workdir; CheckpointError for a missing step or a config
+    that does not read."""
     import orbax.checkpoint as ocp
 
     ckpt_dir, steps = checkpoint_steps(workdir)
@@ -189,10 +186,23 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[dict, dict, 
         mngr.close()
         config = dict(config["config"])
         arch = architecture(config["model"])
-        scan = bool(config["model"].get("scan_layers", False))
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
         raise CheckpointError(f"checkpoint {step_dir} is damaged: its config does not read "
                               f"({type(e).__name__}: {e})") from None
+    return config, arch, step_dir, step
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
+    """(training config as a dict, teacher backbone params as numpy in the per-block layout,
+    step) from the latest (or `step`) checkpoint of a cfm.train workdir.
+
+    Only `state.teacher.backbone` is read (orbax partial restore into numpy arrays, the target
+    built from the stored config), so this runs on a CPU-only host whatever mesh the run used.
+    """
+    import orbax.checkpoint as ocp
+
+    config, arch, step_dir, step = read_checkpoint_config(workdir, step)
+    scan = bool(config["model"].get("scan_layers", False))
     target = abstract_params(arch, scan_layers=scan)
     item = {"teacher": {"backbone": _tree_map(lambda s: np.zeros((), s.dtype), target)}}  # tree
     restore_args = {"teacher": {"backbone": _tree_map(

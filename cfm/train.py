@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from cfm import checkpoint, config_check, metrics, optim, schedules
+from cfm import checkpoint, config_check, init_from, metrics, optim, preemption, schedules
 from cfm.models import heads, vit
 from cfm.parallel import mesh as mesh_lib
 from cfm.parallel import sharding
@@ -182,12 +182,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     models = build_models(config)
     state, shardings, tx = create_state(config, models, mesh)
     ckpt = checkpoint.manager(workdir, config)
-    restored = checkpoint.restore_latest(ckpt, state)
+    resume_step = config.resume_step if config.resume_step >= 0 else None
+    try:
+        restored = checkpoint.restore(ckpt, state, resume_step)
+    except checkpoint.CheckpointError as e:
+        ckpt.close()
+        raise config_check.ConfigError(str(e)) from None
     start = 0
     if restored is not None:
         state, start = restored
         if is_main:
-            print(f"cfm.train: resumed from step {start} in {workdir}/checkpoints", flush=True)
+            print(f"cfm.train: resumed from step {start} in {ckpt.directory}", flush=True)
+            if config.init_from:
+                print(f"cfm.train: config.init_from={config.init_from} ignored: resuming this "
+                      "workdir's own checkpoint", flush=True)
+    else:  # a new run: weights from config.init_from, if set (cfm/init_from.py)
+        try:
+            state = init_from.maybe_init_from(state, config, workdir, is_main)
+        except init_from.InitFromError:
+            ckpt.close()
+            raise
     n_params = sum(x.size for x in jax.tree.leaves(state.params["backbone"]))
     if is_main:
         print(f"cfm.train: backbone {n_params / 1e6:.2f} M parameters", flush=True)
@@ -212,6 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- loop ------------------------------------------------------------------------------
     writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main)
+    watcher = preemption.PreemptionWatcher()  # SIGTERM / preemption notice: save and exit 0
     last: dict = {}
     local = first
     with jax.set_mesh(mesh):
@@ -225,13 +240,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last = writer.write(done, jax.device_get(out))
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss is {last['loss']} at step {done}")
-            if done % config.checkpoint_every == 0 or done == total_steps:
-                checkpoint.save(ckpt, done, state, config, force=done == total_steps)
+            stop = watcher.should_stop(done, ckpt)
+            if done % config.checkpoint_every == 0 or done == total_steps or stop:
+                checkpoint.save(ckpt, done, state, config, force=done == total_steps or stop)
+            if stop:
+                ckpt.wait_until_finished()
+                if is_main:
+                    print(f"cfm.train: stopped by {watcher.signal_name} after step {done}; "
+                          f"checkpoint {done} saved, run the same command to resume", flush=True)
+                break
             if done < total_steps:
                 local = next(batches)
+    watcher.close()
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
+    if watcher.signal_name is not None:
+        return last
     if is_main:
         print(f"cfm.train: done at step {total_steps}; workdir {workdir}", flush=True)
     return last

@@ -157,7 +157,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every = 10
     c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # the last K checkpoints are kept ...
+    c.keep_every = 0  # ... and every step divisible by this (0: none), e.g. for evaluations
+    c.resume_step = -1  # -1: resume from the latest complete checkpoint; N: from step N
+    # A new run (step 0, fresh optimiser) from pretrained weights: a cfm.train workdir (student
+    # and teacher of its latest checkpoint, or of init_from_step) or a cfm.export folder (its
+    # backbone). Ignored when --workdir holds checkpoints (the run resumes). cfm/init_from.py.
+    c.init_from = ""
+    c.init_from_step = -1  # -1: the latest checkpoint
     return c
 
 

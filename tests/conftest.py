@@ -30,3 +30,12 @@ def shared_data() -> pathlib.Path:
             pytest.fail(f"CFM_REQUIRE_SHARED=1 but {SHARED_DATA} is missing")
         pytest.skip(f"{SHARED_DATA} not present (real-data tests need the shared folder)")
     return SHARED_DATA
+
+
+def damage_checkpoint(step_dir) -> None:
+    """Truncate every array data file of an orbax checkpoint's `state` item to zero bytes (what
+    a disk that filled up mid-write leaves)."""
+    for root, _, names in os.walk(os.path.join(step_dir, "state")):
+        for name in names:
+            if "/d" in root:
+                open(os.path.join(root, name), "wb").close()

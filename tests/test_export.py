@@ -21,7 +21,7 @@ import cfm
 from cfm import checkpoint, export, pretrained, train
 from cfm.models import vit
 from cfm.parallel import mesh as mesh_lib
-from tests.conftest import ROOT
+from tests.conftest import ROOT, damage_checkpoint
 from tests.test_train import _tiny
 
 STEPS = (2, 4)
@@ -283,10 +283,7 @@ def test_bad_inputs_exit_2_naming_the_path(run, tmp_path, capsys):
     # damaged checkpoints: weights truncated; config garbled
     broken = tmp_path / "broken"
     shutil.copytree(workdir, broken)
-    for root, _, names in os.walk(broken / "checkpoints" / "4" / "state"):
-        for name in names:
-            if "/d" in root:
-                open(os.path.join(root, name), "wb").close()
+    damage_checkpoint(broken / "checkpoints" / "4")
     fails(["--workdir", str(broken), "--out", str(tmp_path / "o")],
           str(broken / "checkpoints" / "4"), "damaged")
     (broken / "checkpoints" / "2" / "config" / "metadata").write_text("{not json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,8 +35,8 @@ distributed.initialize(**json.loads(sys.argv[1]))
 distributed.initialize(**json.loads(sys.argv[1]))  # a second call is harmless
 from cfm import train
 from tests.test_train import _tiny
-train.train(_tiny(total_steps=5, log_every=1, checkpoint_every=5,
-                  **{"mesh.data": -1, **json.loads(sys.argv[3])}), sys.argv[2])
+overrides = {"total_steps": 5, "log_every": 1, "checkpoint_every": 5, "mesh.data": -1}
+train.train(_tiny(**{**overrides, **json.loads(sys.argv[3])}), sys.argv[2])
 """
 
 _TERMS = ("loss", "dino", "ibot", "koleo")
@@ -95,10 +96,11 @@ def _history(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    """2 processes x 2 CPU devices train exactly as 1 process x 4 devices (batch 8, 5 steps).
-    The 2-process run uses a hybrid mesh with each process as one slice (`mesh.slices=2`, as
-    a two-slice TPU job lays out its data axis)."""
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
+    """Runs 2 processes x 2 devices (`multi`) and 1 process x 4 devices (`single`) side by side
+    for 5 steps; returns their folder and the three workers' logs."""
+    tmp_path = tmp_path_factory.mktemp("two_runs")
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     multi, single = tmp_path / "multi", tmp_path / "single"
@@ -112,7 +114,15 @@ def test_two_processes_match_one_process(tmp_path):
     procs.append(_start(script, {}, single, 4, tmp_path / "single.log"))  # runs alongside
     _wait_all(procs)
 
-    logs = [log.read_text() for _, log in procs]
+    return tmp_path, [log.read_text() for _, log in procs]
+
+
+def test_two_processes_match_one_process(two_runs):
+    """2 processes x 2 CPU devices train exactly as 1 process x 4 devices (batch 8, 5 steps).
+    The 2-process run uses a hybrid mesh with each process as one slice (`mesh.slices=2`, as
+    a two-slice TPU job lays out its data axis)."""
+    tmp_path, logs = two_runs
+    multi, single = tmp_path / "multi", tmp_path / "single"
     assert "cfm.distributed: 2 processes joined" in logs[0], logs[0]
     assert "over 2 slices" in logs[0], logs[0]
     assert "step 5/5" in logs[0] and "step " not in logs[1], logs[1]  # only process 0 logs
@@ -124,6 +134,28 @@ def test_two_processes_match_one_process(tmp_path):
         for k in _TERMS:
             np.testing.assert_allclose(ha[k], hb[k], rtol=1e-5, err_msg=f"step {ha['step']} {k}")
     assert sorted(os.listdir(multi / "checkpoints")) == ["5"]
+
+
+def test_elastic_restore_onto_other_meshes(two_runs):
+    """The checkpoint that 2 processes x 2 devices saved restores on 1 process x 2 devices and
+    on 1 process x 8 devices, and both continue exactly as the 1 x 4 run continues."""
+    tmp_path, _ = two_runs
+    runs = {"ref": (tmp_path / "single", 4), "on2": (tmp_path / "on2", 2),
+            "on8": (tmp_path / "on8", 8)}
+    for name in ("on2", "on8"):
+        shutil.copytree(tmp_path / "multi", runs[name][0])
+    script = tmp_path / "worker.py"
+    procs = [_start(script, {}, w, n, tmp_path / f"{name}.log", {"total_steps": 7})
+             for name, (w, n) in runs.items()]
+    _wait_all(procs)
+    for (name, _), (_, log) in zip(runs.items(), procs):
+        assert "resumed from step 5" in log.read_text(), (name, log.read_text())
+    hist = {name: _history(w)[-2:] for name, (w, _) in runs.items()}
+    for name in ("on2", "on8"):
+        assert [h["step"] for h in hist[name]] == [6, 7], hist[name]
+        for ha, hb in zip(hist[name], hist["ref"]):
+            for k in _TERMS:
+                np.testing.assert_allclose(ha[k], hb[k], rtol=1e-5, err_msg=f"{name} {k}")
 
 
 # ---- argument and environment checks (no process group is joined) ---------------------------

@@ -1,0 +1,172 @@
+"""Checkpoints as a preempted pod job meets them: kill -9 (also mid-save) and restart ends
+bit-for-bit where a straight run ends; SIGTERM saves and exits 0; half-written and damaged
+checkpoints are never loaded silently; retention keeps the last K plus every M-th."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cfm import checkpoint, train
+from cfm.parallel import mesh as mesh_lib
+from tests.conftest import ROOT, damage_checkpoint
+from tests.test_train import _tiny
+
+TIMEOUT_S = 300
+
+
+def _cli(workdir, log, *args, devices=2):
+    """`python -m cfm.train` on the test preset, as a user starts it, on `devices` CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+               "--xla_backend_optimization_level=0")  # faster compiles; all runs alike
+    cmd = [sys.executable, "-m", "cfm.train", "--config", f"{ROOT}/configs/dino_vit.py:test",
+           "--workdir", str(workdir), "--config.log_every=1", *args]
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    return proc
+
+
+def _wait(proc, log):
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"cfm.train did not finish in {TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    return rc
+
+
+def _history(workdir):
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _wait_for_step(proc, workdir, log, step):
+    t0 = time.time()
+    while time.time() - t0 < TIMEOUT_S:
+        hist = _history(workdir)
+        if hist and hist[-1]["step"] >= step:
+            return hist[-1]["step"]
+        if proc.poll() is not None:
+            pytest.fail(f"cfm.train exited ({proc.returncode}) early:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"step {step} not reached in {TIMEOUT_S} s")
+
+
+def _final_state(workdir, step):
+    c = _tiny()
+    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
+    state, _, _ = train.create_state(c, train.build_models(c), mesh)
+    mngr = ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state",))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))
+    mngr.close()
+    return jax.device_get(restored["state"])
+
+
+def test_kill_9_mid_run_then_restart_is_bit_exact(tmp_path):
+    """20 steps straight vs 20 steps with a kill -9 right after step 15 is logged (while its
+    asynchronous save is starting or in flight): same losses from the resumed step on, and
+    bit-identical student, teacher, optimiser state and centers at step 20."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("--config.total_steps=20", "--config.checkpoint_every=5")
+    a = _cli(straight, tmp_path / "straight.log", *args)
+    b = _cli(killed, tmp_path / "killed.log", *args)
+    _wait_for_step(b, killed, tmp_path / "killed.log", 15)
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    assert _wait(a, tmp_path / "straight.log") == 0
+    kept = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
+    assert kept and kept[-1] in (5, 10, 15), kept  # a save still in flight is not complete
+
+    r = _cli(killed, tmp_path / "resumed.log", *args)
+    assert _wait(r, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    log = (tmp_path / "resumed.log").read_text()
+    resumed_at = int(log.split("resumed from step ")[1].split()[0])
+    assert resumed_at == kept[-1], log  # the last complete checkpoint, never a partial one
+    ref = {h["step"]: h for h in _history(straight)}
+    after = [h for h in _history(killed) if h["step"] > resumed_at]
+    assert [h["step"] for h in after][-1] == 20
+    for h in after:
+        for k in ("loss", "dino", "ibot", "koleo", "grad_norm"):
+            assert h[k] == ref[h["step"]][k], (h["step"], k)  # same batches, same arithmetic
+    s_ref, s_res = _final_state(straight, 20), _final_state(killed, 20)
+    for name in ("params", "teacher", "opt_state", "centers", "step"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(s_ref, name), getattr(s_res, name))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
+    w, log = tmp_path / "w", tmp_path / "run.log"
+    proc = _cli(w, log, "--config.total_steps=1000", "--config.checkpoint_every=1000")
+    _wait_for_step(proc, w, log, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert _wait(proc, log) == 0, log.read_text()
+    text = log.read_text()
+    assert "stopped by SIGTERM after step" in text, text
+    stopped = int(text.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert sorted(os.listdir(w / "checkpoints")) == [str(stopped)]
+    assert "Traceback" not in text
+    # the same command, asked for two more steps, resumes there
+    proc = _cli(w, tmp_path / "again.log", f"--config.total_steps={stopped + 2}")
+    assert _wait(proc, tmp_path / "again.log") == 0
+    assert f"resumed from step {stopped}" in (tmp_path / "again.log").read_text()
+    assert _history(w)[-1]["step"] == stopped + 2
+
+
+@pytest.fixture(scope="module")
+def run_10(tmp_path_factory):
+    """A 10-step in-process run checkpointed every 2 steps, keeping 2 plus every 4th."""
+    w = tmp_path_factory.mktemp("run10")
+    train.train(_tiny(total_steps=10, log_every=5, checkpoint_every=2, keep_checkpoints=2,
+                      keep_every=4, **{"mesh.data": -1}), str(w))
+    return w
+
+
+def test_retention_keeps_last_k_and_every_mth(run_10):
+    assert sorted(int(s) for s in os.listdir(run_10 / "checkpoints") if s.isdigit()) == \
+        [4, 8, 10] or sorted(int(s) for s in os.listdir(run_10 / "checkpoints")
+                             if s.isdigit()) == [4, 6, 8, 10]
+    data = json.loads((run_10 / "checkpoints" / "10" / "data" / "metadata").read_text())
+    assert data == {"step": 10, "records_consumed": 80, "global_batch": 8, "seed": 0}
+
+
+def test_half_written_checkpoint_is_ignored(run_10, tmp_path, capsys):
+    """A save killed before orbax's final rename leaves a `*.orbax-checkpoint-tmp-*` folder;
+    the next start resumes from the last complete checkpoint instead."""
+    w = tmp_path / "w"
+    shutil.copytree(run_10, w)
+    shutil.copytree(w / "checkpoints" / "10", w / "checkpoints" / "12.orbax-checkpoint-tmp-99")
+    train.train(_tiny(total_steps=11, log_every=1, **{"mesh.data": -1}), str(w))
+    assert "resumed from step 10" in capsys.readouterr().out
+
+
+def test_damaged_checkpoint_is_named_and_resume_step_picks_an_older_one(run_10, tmp_path,
+                                                                         capsys):
+    w = tmp_path / "w"
+    shutil.copytree(run_10, w)
+    damage_checkpoint(w / "checkpoints" / "10")
+    with pytest.raises(Exception) as err:
+        train.train(_tiny(total_steps=11, **{"mesh.data": -1}), str(w))
+    msg = str(err.value)
+    assert "checkpoints/10" in msg and "resume_step=8" in msg, msg
+    with pytest.raises(Exception, match=r"resume_step=7: no such checkpoint.*\[4, 8, 10\]|"
+                                        r"resume_step=7: no such checkpoint.*\[4, 6, 8, 10\]"):
+        train.train(_tiny(total_steps=11, resume_step=7, **{"mesh.data": -1}), str(w))
+    train.train(_tiny(total_steps=9, log_every=1, resume_step=8, **{"mesh.data": -1}), str(w))
+    assert "resumed from step 8" in capsys.readouterr().out
+
+
+def test_checkpoint_dir_keeps_urls():
+    assert checkpoint.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+    assert checkpoint.checkpoint_dir("rel").startswith("/")
