@@ -33,6 +33,9 @@ setup(
                  "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11"],
         "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
         "tpu": ["jax[tpu]"],
+        # gs:// workdirs: orbax/tensorstore write checkpoints themselves; the metrics (etils
+        # epath, tensorboardX) need these.
+        "gcs": ["gcsfs", "google-cloud-storage"],
         # Only to check timm exports against cfm (tests/test_export.py); versions that import
         # together (torch 2.14.1 is the x86_64 wheel pip finds locally on our CI image).
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31"],

@@ -1,15 +1,25 @@
 """Where training metrics go: a readable console line, TensorBoard event files, a JSONL history
 and a loss-curve PNG in the workdir. Only process 0 writes; other processes get a silent writer.
+
+The workdir may be a local folder or a URL (`gs://bucket/run`, through etils.epath and
+tensorboardX's GCS writer; both need `pip install gcsfs google-cloud-storage` there). Object
+stores cannot append, so for a URL the JSONL history is rewritten whole at each log step.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from typing import Mapping
 
 import numpy as np
+from etils import epath
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -32,9 +42,14 @@ class MetricWriter:
         self._last_step: int | None = None
         if enabled:
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+            if _is_url(workdir):  # no append on object stores: keep the lines, rewrite them
+                self._lines = [json.dumps(h) for h in read_history(workdir)]
+                self._jsonl = None
+            else:
+                self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
 
     def start_clock(self, step: int) -> None:
         """Mark the step from which throughput and ETA are measured (after compilation)."""
@@ -54,8 +69,13 @@ class MetricWriter:
         for k, v in out.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
-        self._jsonl.write(json.dumps({"step": step, **out}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, **out})
+        if self._jsonl is None:
+            self._lines.append(line)
+            epath.Path(self._jsonl_path).write_text("\n".join(self._lines) + "\n")
+        else:
+            self._jsonl.write(line + "\n")
+            self._jsonl.flush()
         print(self.console_line(step, out), flush=True)
         return out
 
@@ -74,16 +94,16 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             plot_loss_curve(self.workdir)
 
 
 def read_history(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss_curve(workdir: str, keys: tuple[str, ...] = ("loss", "dino", "ibot", "koleo", "kde")
@@ -104,13 +124,19 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = ("loss", "dino", "ibot
             ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"training losses — {os.path.basename(os.path.abspath(workdir))}")
+    ax.set_title(f"training losses — {os.path.basename(str(workdir).rstrip('/'))}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, "loss_curve.png")
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    if _is_url(workdir):  # an object store writes an object whole: no half-written PNG
+        epath.Path(path).write_bytes(buf.getvalue())
+    else:
+        tmp = path + ".tmp.png"
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
     return path

@@ -11,7 +11,6 @@ data -> jitted step -> loop (log, checkpoint) -> loss curve. The step is a pure 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Any, NamedTuple
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
 from cfm import checkpoint, config_check, init_from, metrics, optim, preemption, schedules
@@ -172,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config)
     is_main = jax.process_index() == 0
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
         print(f"cfm.train: {config.model.variant}, batch {config.batch_size}, {total_steps} steps,"
               f" mesh {dict(mesh.shape)}"
               + (f" over {config.mesh.slices} slices" if config.mesh.slices > 1 else "")
