@@ -77,11 +77,12 @@ def _init_params(config, models: Models, rng: jax.Array) -> dict:
 
 
 # ================================================================================ state =======
-def create_state(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
-                 ) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
-    """The initial state, created directly in its sharded layout, its shardings, and the
-    optimiser. Parameter shardings come from each parameter's logical axis names and the rules
-    in `cfm.parallel.mesh`."""
+def state_spec(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
+               ) -> tuple[TrainState, TrainState, optax.GradientTransformation, Any]:
+    """The initial state's shapes (jax.ShapeDtypeStruct), its shardings, the optimiser and the
+    init function, without allocating anything (cfm.aot compiles with these for devices it
+    cannot run on). Parameter shardings come from each parameter's logical axis names and the
+    rules in `cfm.parallel.mesh`."""
     rng = jax.random.key(config.seed)
     boxed = jax.eval_shape(functools.partial(_init_params, config, models), rng)
     rules = sharding.rules_from_config(config)
@@ -103,9 +104,26 @@ def create_state(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
     opt_sh = opt_sh._replace(adam=opt_sh.adam._replace(mu=param_sh, nu=param_sh))
     shardings = TrainState(step=repl, params=param_sh, teacher=param_sh, opt_state=opt_sh,
                            centers=jax.tree.map(lambda _: repl, abstract.centers), rng=repl)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(rng)
+    return abstract, shardings, tx, init
+
+
+def create_state(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
+                 ) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
+    """The initial state, created directly in its sharded layout (`state_spec`'s init jitted
+    with its shardings), its shardings, and the optimiser."""
+    _, shardings, tx, init = state_spec(config, models, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
     return state, shardings, tx
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """ConfigError unless the global batch splits evenly over data x fsdp (cfm.train, cfm.aot)."""
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % n_batch_shards:
+        raise config_check.ConfigError(
+            f"config.batch_size={config.batch_size}: must divide by data*fsdp={n_batch_shards} "
+            f"(mesh {dict(mesh.shape)})")
 
 
 # ================================================================================ step ========
@@ -163,11 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh = mesh_lib.make_mesh(config.mesh)
     except ValueError as e:
         raise config_check.ConfigError(f"config.mesh: {e}") from None
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % n_batch_shards:
-        raise config_check.ConfigError(
-            f"config.batch_size={config.batch_size}: must divide by data*fsdp={n_batch_shards} "
-            f"(mesh {dict(mesh.shape)})")
+    check_batch(config, mesh)
     total_steps = config.total_steps if config.total_steps > 0 else schedules.schedule_steps(
         config)
     is_main = jax.process_index() == 0

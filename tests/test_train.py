@@ -164,7 +164,19 @@ def test_fsdp_and_tensor_meshes_match_single_device(mesh_shape):
     for a, b in zip(o1, o8):
         for k in ("loss", "dino", "ibot", "koleo", "grad_norm"):
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                 s1.params, s8.params)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                 s1.teacher, s8.teacher)
+    max_lr = max(o["lr"] for o in o1)
+    jax.tree.map(lambda x, y: _assert_close_but_adam_sign_flips(x, y, max_lr), s1.params,
+                 s8.params)
+    jax.tree.map(lambda x, y: _assert_close_but_adam_sign_flips(x, y, max_lr), s1.teacher,
+                 s8.teacher)
+
+
+def _assert_close_but_adam_sign_flips(x, y, max_lr: float, n_steps: int = 2) -> None:
+    """Parameters after a few Adam steps agree tightly, except that Adam's first updates are
+    ~lr * sign(g): where a gradient entry cancels to float noise, another reduction order
+    (another mesh) may flip its sign and move that weight by up to 2 lr per step. Allow that for
+    at most 0.5% of a tensor's entries (at least one); a wrong shard moves whole rows."""
+    x, y = np.asarray(x), np.asarray(y)
+    bad = ~np.isclose(x, y, rtol=1e-4, atol=1e-6)
+    assert bad.sum() <= max(1, int(0.005 * x.size)), (bad.sum(), x.size)
+    assert np.all(np.abs(x - y)[bad] <= 2 * n_steps * max_lr + 1e-6), np.abs(x - y).max()

@@ -59,6 +59,23 @@ def _axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
+def _add_fsdp(spec: list, shape: tuple[int, ...], mesh: Mesh) -> list:
+    """ZeRO-3 for every parameter: one without an `embed` axis (biases, norms, LayerScale,
+    weight-norm scales) gets `fsdp` on its longest axis that still divides evenly, so no
+    parameter stays whole on every fsdp device."""
+    n = mesh.shape.get("fsdp", 1)
+    used = {a for ax in spec if ax is not None for a in ((ax,) if isinstance(ax, str) else ax)}
+    if n == 1 or "fsdp" in used:
+        return spec
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        names = () if spec[i] is None else ((spec[i],) if isinstance(spec[i], str) else spec[i])
+        if shape[i] % (_axis_size(mesh, names or None) * n) == 0:
+            spec = list(spec)
+            spec[i] = ("fsdp",) + tuple(names) if names else "fsdp"
+            return spec
+    return spec
+
+
 def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules, min_size: int) -> Any:
     """NamedSharding for every parameter of a boxed (nn.LogicallyPartitioned) abstract tree."""
 
@@ -70,7 +87,7 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules, min_size: int
         spec = nn.logical_to_mesh_axes(names, rules)
         spec = [ax if value.shape[i] % _axis_size(mesh, ax) == 0 else None
                 for i, ax in enumerate(spec)]
-        return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P(*_add_fsdp(spec, value.shape, mesh)))
 
     return jax.tree.map(one, boxed_abstract,
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

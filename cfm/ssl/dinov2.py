@@ -13,6 +13,7 @@ image i), which keeps every image's crops on the device that loaded it.
 
 from __future__ import annotations
 
+import math
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,33 @@ def normalise(images: jax.Array, mean, std) -> jax.Array:
     """uint8 RGB -> float32, (x/255 - mean) / std per channel."""
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _mesh_sizes() -> dict[str, int]:
+    """Sizes of the current mesh's axes ({} outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return {} if mesh is None or mesh.empty else dict(mesh.shape)
+
+
+def _batch_shards() -> int:
+    """How many ways the batch is split on the current mesh (data x fsdp); 1 outside a mesh."""
+    sizes = _mesh_sizes()
+    return math.prod(sizes.get(a, 1) for a in ("data", "fsdp"))
+
+
+def _buffer_rows(x: jax.Array) -> jax.Array:
+    """Split the masked-token buffer's rows over the batch axes, like the CLS rows: left alone,
+    XLA keeps the whole buffer (and its [buffer, prototypes] logits) on every device, which is
+    what keeps ViT-g/14 at batch 4096 off a 16 GiB v5e chip (benchmarks/scaling.py).
+
+    Not applied on meshes where data, fsdp and tensor are all > 1: there the constraint gave
+    gradients off by up to 9% (jax 0.10.2, CPU, mesh 2x2x2; a partitioner bug like the one in
+    `_heads`; tests/test_train.py compares that mesh with 1 device). The buffer's length must
+    divide evenly, which `objective` ensures by padding."""
+    sizes = _mesh_sizes()
+    if all(sizes.get(a, 1) > 1 for a in ("data", "fsdp", "tensor")):
+        return x
+    return nn.with_logical_constraint(x, ("act_batch", "act_embed"))
 
 
 def _heads(params: dict, dino_head: nn.Module, ibot_head: nn.Module | None, cls: jax.Array,
@@ -65,6 +93,8 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head:
     # ---- masked-patch buffer: flat indices of masked patches, padded to a static size -------
     flat = masks.reshape(-1)
     n_masked = jnp.sum(flat)
+    shards = _batch_shards()  # pad to whole rows per device; padding rows have weight 0
+    buffer_size = -(-buffer_size // shards) * shards
     (idx,) = jnp.nonzero(flat, size=buffer_size, fill_value=0)
     valid = jnp.arange(buffer_size) < n_masked
     per_image = jnp.maximum(jnp.sum(masks, axis=1), 1)
@@ -73,7 +103,7 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head:
     # ---- teacher: global crops only, no masks, no gradient ----------------------------------
     teacher = jax.lax.stop_gradient(teacher)
     t_out = backbone.apply({"params": teacher["backbone"]}, g, train=False)
-    t_patch = t_out["patch"].reshape(-1, t_out["patch"].shape[-1])[idx]
+    t_patch = _buffer_rows(t_out["patch"].reshape(-1, t_out["patch"].shape[-1])[idx])
     t_cls_logits, t_ibot_logits = _heads(teacher, dino_head, ibot_head, t_out["cls"], t_patch)
     new_centers = dict(centers)
     if config.ssl.centering == "softmax":
@@ -94,7 +124,7 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head:
     r_global, r_local = jax.random.split(rng)
     s_g = backbone.apply({"params": params["backbone"]}, g, masks=masks, train=True,
                          rngs={"dropout": r_global})
-    s_patch = s_g["patch"].reshape(-1, s_g["patch"].shape[-1])[idx]
+    s_patch = _buffer_rows(s_g["patch"].reshape(-1, s_g["patch"].shape[-1])[idx])
     cls_rows = [s_g["cls"]]
     if n_local:
         loc = batch["local_crops"]
