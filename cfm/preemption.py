@@ -17,7 +17,8 @@ import jax
 
 
 class PreemptionWatcher:
-    """`should_stop(step, mngr)` after each step; `close()` restores the old signal handler."""
+    """`should_stop(step, mngr)` after each step; `close()` (or leaving a `with` block)
+    restores the old signal handler."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -42,3 +43,9 @@ class PreemptionWatcher:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+    def __enter__(self) -> "PreemptionWatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

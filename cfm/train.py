@@ -243,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     watcher = preemption.PreemptionWatcher()  # SIGTERM / preemption notice: save and exit 0
     last: dict = {}
     local = first
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), watcher:  # the watcher restores the old handler on exit
         for step in range(start, total_steps):
             state, out = step_fn(state, global_batch(local, mesh))
             done = step + 1
@@ -265,7 +265,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 break
             if done < total_steps:
                 local = next(batches)
-    watcher.close()
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
