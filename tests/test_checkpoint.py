@@ -170,3 +170,10 @@ def test_damaged_checkpoint_is_named_and_resume_step_picks_an_older_one(run_10, 
 def test_checkpoint_dir_keeps_urls():
     assert checkpoint.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
     assert checkpoint.checkpoint_dir("rel").startswith("/")
+
+
+def test_finished_run_started_again_does_nothing(run_10, capsys):
+    """Exact resume itself is the kill -9 test above; here: a run already at total_steps."""
+    capsys.readouterr()
+    assert train.train(_tiny(total_steps=10, **{"mesh.data": -1}), str(run_10)) == {}
+    assert "nothing to do" in capsys.readouterr().out
