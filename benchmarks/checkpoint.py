@@ -7,7 +7,7 @@ in-flight asynchronous save costs the train step.
 The state is the full `configs/dino_vit.py` preset state of `--variant` (student + teacher + Adam
 mu/nu + centers, 65536 prototypes; ViT-L/16: 1.3 G float32 values, 5.3 GB), created sharded on
 one device (a 1-device mesh) and checkpointed with `cfm.checkpoint.manager` / `save` /
-`restore_latest` under `--dir` (local disk). The train step is the real jitted DINOv2 step
+`checkpoint.restore` under `--dir` (local disk). The train step is the real jitted DINOv2 step
 (`cfm.train.jit_train_step`) of that same state, run on a small batch of small crops (default
 batch 2, 2x112 global + 2x48 local crops; parameter shapes stay the preset's, position
 embeddings are resampled) so that a step takes seconds on CPU while still reading and writing
@@ -29,7 +29,7 @@ Each of `--rounds` rounds, interleaved so that load from other processes hits al
    (posix_fadvise), timed apart;
 3. a save followed by train steps for as long as it is in flight: the time of each step that
    starts while the save is still in progress.
-Then `restore_latest` into the abstract state (shapes, dtypes, 1-device shardings), from a
+Then `checkpoint.restore` into the abstract state (shapes, dtypes, 1-device shardings), from a
 cold page cache each time, plus one warm restore. Figures are medians over rounds.
 Last line: `save_block_s=.. save_total_s=.. restore_s=.. state_gb=.. step_s=..
 step_s_during_save=.. slowdown_pct=..`.
@@ -262,12 +262,12 @@ def main() -> None:
     for _ in range(args.rounds):
         evict(ckpt_dir)
         t = time.perf_counter()
-        restored, at = checkpoint.restore_latest(mngr, abstract)
+        restored, at = checkpoint.restore(mngr, abstract)
         jax.block_until_ready(restored)
         restores.append(time.perf_counter() - t)
         del restored
     t = time.perf_counter()
-    restored, at = checkpoint.restore_latest(mngr, abstract)  # page cache warm
+    restored, at = checkpoint.restore(mngr, abstract)  # page cache warm
     jax.block_until_ready(restored)
     warm_restore = time.perf_counter() - t
     ok = all(r.sharding == a.sharding and r.shape == a.shape

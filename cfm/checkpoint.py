@@ -9,8 +9,8 @@ RNG, step), the position of the data stream and the config.
   `keep_every` (0: none), for later evaluation of intermediate models.
 - The data stream's position is the step: `cfm.data.pipeline` derives every batch from
   (seed, step), so restoring the step restores the stream exactly with no iterator state to
-  replay. The item `data` records that position (records consumed, global batch) for people and
-  for checks at restore time.
+  replay. The item `data` records that position (records consumed, global batch, seed) for
+  people reading the checkpoint; nothing reads it back.
 - Elastic restore: the state is restored into the shardings of the current mesh, whatever mesh
   and process count saved it (orbax/tensorstore read each device's slice of the saved arrays).
 - Paths may be local or `gs://` (orbax and tensorstore write to GCS directly).
@@ -83,8 +83,3 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
         raise CheckpointError(f"checkpoint {where} is damaged or incomplete "
                               f"({type(e).__name__}: {str(e)[:300]}){hint}") from e
     return restored["state"], step
-
-
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, int] | None:
-    """(state, step) from the latest complete checkpoint; None if the workdir has none."""
-    return restore(mngr, abstract_state)

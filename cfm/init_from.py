@@ -161,10 +161,6 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str, int | None]:
                      f"cfm.export folder (no {CONFIG_FILE})")
 
 
-def _map(fn: Any, tree: dict) -> dict:
-    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
-
-
 def read_checkpoint_params(workdir: str, step: int | None = None
                            ) -> tuple[dict, dict, dict, int]:
     """(training config, student params, teacher params, step) of a cfm.train checkpoint, as
@@ -180,8 +176,9 @@ def read_checkpoint_params(workdir: str, step: int | None = None
             meta = ckptr.metadata(folder).item_metadata.tree
             meta = {k: meta[k] for k in ("params", "teacher")}
             state = ckptr.restore(folder, args=ocp.args.PyTreeRestore(
-                item=_map(lambda m: np.zeros((), m.dtype), meta),
-                restore_args=_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta),
+                item=pretrained.map_dict(lambda m: np.zeros((), m.dtype), meta),
+                restore_args=pretrained.map_dict(
+                    lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta),
                 partial_restore=True))
         trees = [dict(state[k], backbone=pretrained.unstack_blocks(
             state[k]["backbone"], arch["depth"])) for k in ("params", "teacher")]

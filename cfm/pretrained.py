@@ -101,7 +101,7 @@ def unstack_blocks(params: dict, depth: int) -> dict:
         return params
     out = {k: v for k, v in params.items() if k != "blocks"}
     for i in range(depth):
-        out[f"block_{i}"] = _tree_map(lambda x: np.asarray(x[i]), params["blocks"])
+        out[f"block_{i}"] = map_dict(lambda x: np.asarray(x[i]), params["blocks"])
     return out
 
 
@@ -123,8 +123,9 @@ def check_params(params: dict, arch: dict, where: str) -> None:
 
 
 # ============================================================================ trees ===========
-def _tree_map(fn: Any, tree: dict) -> dict:
-    return {k: _tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+def map_dict(fn: Any, tree: dict) -> dict:
+    """`fn` on every leaf of a nested dict (orbax metadata trees are not jax pytrees)."""
+    return {k: map_dict(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -156,7 +157,9 @@ def checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     the folder when there is none or it holds no complete checkpoint."""
     import orbax.checkpoint as ocp
 
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    from cfm import checkpoint
+
+    ckpt_dir = checkpoint.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{os.path.abspath(workdir)} has no checkpoints/ folder; pass "
                                 "the --workdir of a cfm.train run (or a cfm.export folder)")
@@ -204,8 +207,8 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[dict, dict, 
     config, arch, step_dir, step = read_checkpoint_config(workdir, step)
     scan = bool(config["model"].get("scan_layers", False))
     target = abstract_params(arch, scan_layers=scan)
-    item = {"teacher": {"backbone": _tree_map(lambda s: np.zeros((), s.dtype), target)}}  # tree
-    restore_args = {"teacher": {"backbone": _tree_map(
+    item = {"teacher": {"backbone": map_dict(lambda s: np.zeros((), s.dtype), target)}}  # tree
+    restore_args = {"teacher": {"backbone": map_dict(
         lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target)}}
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
@@ -243,7 +246,7 @@ def read_export(path: str) -> tuple[dict, dict]:
             with ocp.PyTreeCheckpointer() as ckptr:
                 folder = os.path.join(os.path.abspath(path), ORBAX_DIR)
                 meta = ckptr.metadata(folder).item_metadata.tree
-                params = ckptr.restore(folder, args=ocp.args.PyTreeRestore(restore_args=_tree_map(
+                params = ckptr.restore(folder, args=ocp.args.PyTreeRestore(restore_args=map_dict(
                     lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)))
         else:
             raise CheckpointError(f"{cfg_path}: unknown export format {fmt!r}")
@@ -276,7 +279,7 @@ def load(path: str, step: int | None = None, dtype: Any = None,
         raise FileNotFoundError(f"{os.path.abspath(path)} is neither a cfm.export folder (no "
                                 f"{CONFIG_FILE}) nor a cfm.train workdir (no checkpoints/ folder)")
     if param_dtype is not None:
-        params = _tree_map(lambda x: np.asarray(x, param_dtype), params)
+        params = map_dict(lambda x: np.asarray(x, param_dtype), params)
     return Pretrained(build_backbone(info["architecture"], dtype, **overrides), params, info, step)
 
 
