@@ -24,13 +24,19 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # the loss-curve PNG left in every workdir
         "safetensors>=0.8.0",  # exported weights: no pickle, readable by timm/PyTorch users
+        "pandas>=2.0",  # omics tables and clinical data (data_prep.prepare_omics, cfm.finetune)
+        "scikit-learn>=1.4",  # baselines, probes and metrics of cfm.finetune (and KNNImputer)
     ],
     extras_require={
         # openslide-bin ships the OpenSlide C library as a wheel: no system package needed.
         "slides": ["openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1",
                    "scipy>=1.11"],
+        # Parquet and AnnData (.h5ad) inputs of data_prep.prepare_omics.
+        "omics": ["pyarrow>=14", "anndata>=0.10"],
         "test": ["pytest>=8.0", "scikit-image>=0.24", "openslide-python>=1.4",
-                 "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11"],
+                 "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11", "pyarrow>=14",
+                 "anndata>=0.10",
+                 "lifelines>=0.28"],  # reference Cox / concordance for cfm.finetune's tests
         "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
         "tpu": ["jax[tpu]"],
         # gs:// workdirs: orbax/tensorstore write checkpoints themselves; the metrics (etils

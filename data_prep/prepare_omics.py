@@ -1,0 +1,705 @@
+"""Prepare omics tables for masked gene modelling: one ArrayRecord record per sample.
+
+    python -m data_prep.prepare_omics --input FILE[:MODALITY] [--input ...] --out DIR
+        --expression-transform {log1p,cpm_log1p,tpm_log1p,signed_log1p,none}
+        [--clinical FILE] [--patient-column NAME] [--vocab VOCAB.tsv] [--overwrite] ...
+
+Inputs: CSV/TSV (gzip ok), Parquet, AnnData .h5ad (layouts: `data_prep.omics_tables`). MODALITY
+is expression, mutation or cnv; without it, columns named `<GENE>_rnaseq/_mut/_cnv`
+(--suffix-map) give the modality and a table without such columns is all expression.
+
+How several inputs combine (--combine auto): inputs are taken in order; an input whose
+modalities do not overlap those of the current group joins it (same samples, matched on sample
+id: --join exact requires identical sample sets, --join inner keeps the intersection and
+reports what it dropped); an input that repeats a modality starts a new group. Groups are
+stacked (different samples; a sample id in two groups is an error). So the three TCGA
+multi-omics tables stack, `expr.csv:expression mut.csv:mutation` join. --combine stack / join
+force one or the other. A sample has tokens for the features its group has; one gene has one id
+across modalities (TP53_mut and TP53_rnaseq share TP53's id).
+
+Values: expression goes through --expression-transform (per file), then is z-scored per gene
+with the mean and (population) std of the TRAINING split only (std floored at --std-floor so
+constant genes stay finite; a gene with no training value gets no tokens) and clipped to
++-clip; its class is its quantile bin: --n-bins bins whose
+n_bins - 1 edges are quantiles of all training expression z-scores, class = number of edges
+<= value. Mutation: 0/1 (class = value). CNV: call -2..2 (class = call + 2).
+--n-bins 51 follows scGPT's value binning (Cui et al., Nat Methods 2024; its released
+checkpoints were trained with n_bins=51, their args.json; scGPT's edges are per cell, ours are
+global over the training split so a class means the same z-score in every sample): each bin
+holds ~2% of training tokens, fine enough that a bin spans about 0.05 std near the median while
+leaving a 51-way classification the model can learn.
+
+Splits: by patient (--patient-column; default: each sample is its own patient); a patient goes
+to test if u < test_fraction, to val if u < test_fraction + val_fraction, else to train, where
+u = first 8 bytes of sha256("seed:patient") / 2^64. A patient's split does not depend on the
+other patients, so adding data later never moves anyone between splits.
+
+Output (--out, written to a temp folder beside it and renamed at the end): `{split}-IIIII-of-
+NNNNN.arrayrecord` shards of `cfm.data.omics_records` records, `vocab.tsv`, `stats.json`,
+`clinical.csv`, `manifest.json`; read them with `cfm.data.omics_source`. Exit status 0, or 2
+with a message naming file/column/row for bad input (nothing is left on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from cfm.data.omics_records import CLS_ID, MODALITIES, PAD_ID, encode_sample
+from cfm.data.omics_source import FORMAT, read_vocab
+from data_prep import omics_tables as ot
+from data_prep.omics_tables import OmicsInputError
+from data_prep.shard_io import _file_sha256, _fsync_dir, _fsync_file
+
+SPLITS = ("train", "val", "test")
+MAX_BIN_SAMPLE = 20_000_000  # z-scores used for the bin quantiles (random subset beyond this)
+
+
+def log(message: str) -> None:
+    print(f"prepare_omics: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+class Vocab:
+    """Genes as (symbol, Ensembl id); matched by Ensembl id where known, else by symbol."""
+
+    def __init__(self, rows: list[tuple[str, str]] = (), frozen: bool = False):
+        self.symbols, self.ensembl, self.frozen = [], [], frozen
+        self.by_ens, self.by_sym = {}, {}
+        for sym, ens in rows:
+            self._add(sym, ens)
+
+    def _add(self, sym: str, ens: str) -> int:
+        idx = len(self.symbols)
+        self.symbols.append(sym)
+        self.ensembl.append(ens)
+        if ens:
+            self.by_ens[ens] = idx
+        if sym:
+            self.by_sym.setdefault(sym, []).append(idx)
+        return idx
+
+    def lookup(self, sym: str, ens: str) -> int | None:
+        """Gene id (2..) of (symbol, ensembl), or None; ValueError if a bare symbol is
+        ambiguous (two Ensembl ids share it)."""
+        if ens and ens in self.by_ens:
+            return self.by_ens[ens] + 2
+        candidates = self.by_sym.get(sym, []) if sym else []
+        if ens:
+            candidates = [c for c in candidates if not self.ensembl[c]]
+        if len(candidates) > 1:
+            raise OmicsInputError(f"gene symbol {sym!r} is ambiguous: it names Ensembl ids "
+                                  f"{[self.ensembl[c] for c in candidates]}")
+        if candidates:
+            if ens and not self.frozen:
+                self.ensembl[candidates[0]] = ens
+                self.by_ens[ens] = candidates[0]
+            return candidates[0] + 2
+        return None
+
+    def add(self, sym: str, ens: str) -> int:
+        return self.lookup(sym, ens) or self._add(sym, ens) + 2
+
+    def sorted(self) -> "Vocab":
+        """The same genes ordered by name (symbol, else Ensembl id): ids independent of input
+        order."""
+        order = sorted(range(len(self.symbols)),
+                       key=lambda i: (self.symbols[i] or self.ensembl[i], self.ensembl[i]))
+        return Vocab([(self.symbols[i], self.ensembl[i]) for i in order], frozen=True)
+
+    def tsv(self) -> bytes:
+        lines = ["id\tsymbol\tensembl", f"{PAD_ID}\t<pad>\t", f"{CLS_ID}\t<cls>\t"]
+        lines += [f"{i + 2}\t{s}\t{e}" for i, (s, e) in enumerate(zip(self.symbols,
+                                                                       self.ensembl))]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+    def __len__(self) -> int:
+        return len(self.symbols) + 2
+
+
+def map_genes(tables, vocab: Vocab, drop_unknown: bool, repairs: dict) -> list[np.ndarray]:
+    """Per table: gene id of every feature (unknown genes dropped or an error)."""
+    out = []
+    for table in tables:
+        ids = np.array([vocab.lookup(s, e) or 0 for s, e in zip(table.symbols, table.ensembl)],
+                       np.int64)
+        unknown = np.flatnonzero(ids == 0)
+        if len(unknown):
+            if not drop_unknown:
+                raise OmicsInputError(f"{table.path}: {len(unknown)} gene(s) not in --vocab, "
+                                      f"first {table.names[unknown[0]]!r} (column/row "
+                                      f"{table.gene_lines[unknown[0]]}); add "
+                                      "--drop-unknown-genes to drop them")
+            before = set(table.modalities())
+            table.drop_features(ids != 0)
+            ids = ids[ids != 0]
+            repairs["unknown genes dropped (features)"] = (
+                repairs.get("unknown genes dropped (features)", 0) + len(unknown))
+            log(f"{table.name}: dropped {len(unknown)} feature(s) of genes not in --vocab")
+            lost = before - set(table.modalities())
+            if lost:
+                raise OmicsInputError(f"{table.path}: no {sorted(lost)} gene is in --vocab "
+                                      "(modality empty after dropping unknown genes)")
+        out.append(ids)
+    return out
+
+
+# ----------------------------------------------------------------------------- combining
+def group_tables(tables, combine: str) -> list[list[int]]:
+    """Indices of the tables of each group (joined within, stacked across)."""
+    if combine == "join":
+        return [list(range(len(tables)))]
+    groups, seen = [], set()
+    for k, table in enumerate(tables):
+        mods = set(table.modalities())
+        if combine == "stack" or not groups or mods & seen:
+            groups.append([k])
+            seen = set(mods)
+        else:
+            groups[-1].append(k)
+            seen |= mods
+    return groups
+
+
+def align(tables, mode: str, what: str, repairs: dict) -> list[str]:
+    """Sample ids common to the tables (first table's order); each table keeps only those rows.
+    mode exact: the sets must be equal."""
+    first = tables[0]
+    keep = set(first.sample_ids)
+    for table in tables[1:]:
+        ids = set(table.sample_ids)
+        if ids != set(first.sample_ids) and mode == "exact":
+            only_a = sorted(set(first.sample_ids) - ids)
+            only_b = sorted(ids - set(first.sample_ids))
+            raise OmicsInputError(
+                f"{what}: sample ids of {table.path} and {first.path} do not line up: "
+                f"{len(only_b)} only in {table.name} (e.g. {only_b[:3]}), {len(only_a)} only in "
+                f"{first.name} (e.g. {only_a[:3]}); --join inner keeps the common samples")
+        keep &= ids
+    ids = [s for s in first.sample_ids if s in keep]
+    if not ids:
+        raise OmicsInputError(f"{what}: {', '.join(t.path for t in tables)} share no sample id")
+    for table in tables:
+        dropped = len(table.sample_ids) - len(ids)
+        if dropped:
+            repairs[f"--join inner: samples dropped from {table.name}"] = dropped
+            log(f"--join inner: dropped {dropped} of {len(table.sample_ids)} samples of "
+                f"{table.name} (not in every joined file)")
+        index = {s: i for i, s in enumerate(table.sample_ids)}
+        table.take_rows(np.array([index[s] for s in ids], np.int64))
+    return ids
+
+
+def merge_clinical(tables, groups, extra: list[tuple[str, object]], mode: str, repairs: dict):
+    """One clinical DataFrame (index = sample id) for all samples; drops samples (from the
+    tables) that an --join inner --clinical file lacks."""
+    pd = ot.require("pandas")
+    parts = []
+    for group in groups:
+        frame = tables[group[0]].clinical
+        for k in group[1:]:
+            other = tables[k].clinical
+            new = [c for c in other.columns if c not in frame.columns]
+            frame = frame.join(other[new])
+        parts.append(frame)
+    clinical = pd.concat(parts, axis=0, sort=False) if len(parts) > 1 else parts[0]
+    for path, frame, _ in extra:
+        missing = clinical.index.difference(frame.index)
+        surplus = frame.index.difference(clinical.index)
+        if (len(missing) or len(surplus)) and mode == "exact":
+            raise OmicsInputError(
+                f"--clinical {path}: sample ids do not line up with the omics inputs: "
+                f"{len(missing)} omics samples lack a row (e.g. {list(missing[:3])}), "
+                f"{len(surplus)} rows match no omics sample (e.g. {list(surplus[:3])}); "
+                "--join inner keeps the common samples")
+        if len(missing):
+            repairs[f"--join inner: samples without a row in {os.path.basename(path)}"] = (
+                len(missing))
+            log(f"--join inner: dropped {len(missing)} samples without a row in {path}")
+        if len(surplus):
+            log(f"--join inner: ignored {len(surplus)} rows of {path} that match no sample")
+        new = [c for c in frame.columns if c not in clinical.columns]
+        clinical = clinical.join(frame[new], how="inner")
+    return clinical
+
+
+def assign_splits(patients: list[str], seed: int, val: float, test: float) -> list[str]:
+    """train/val/test per patient from sha256(seed:patient) (see the module docstring)."""
+    out = []
+    for patient in patients:
+        digest = hashlib.sha256(f"{seed}:{patient}".encode("utf-8")).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+        out.append("test" if u < test else "val" if u < test + val else "train")
+    return out
+
+
+def dedupe(values: np.ndarray, genes: np.ndarray, mods: np.ndarray, names: list[str],
+           rule: str, repairs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resolve features of one group with the same (gene, modality): error, first or mean."""
+    keys = genes * len(MODALITIES) + mods
+    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    if (counts == 1).all():
+        return values, genes, mods
+    dup_key = uniq[np.argmax(counts > 1)]
+    where = [names[j] for j in np.flatnonzero(keys == dup_key)]
+    if rule == "error":
+        raise OmicsInputError(f"duplicated gene: features {where} are one gene and modality "
+                              f"({int((counts > 1).sum())} such genes); resolve with "
+                              "--duplicates first|mean")
+    out = values[:, np.sort(first)].copy()
+    keep = np.sort(first)
+    if rule == "mean":
+        for k in np.flatnonzero(counts > 1):
+            columns = np.flatnonzero(keys == uniq[k])
+            if MODALITIES[mods[columns[0]]] != "expression":
+                raise OmicsInputError(f"--duplicates mean averages expression only; "
+                                      f"{[names[j] for j in columns]} are "
+                                      f"{MODALITIES[mods[columns[0]]]}: use --duplicates first")
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(values[:, columns], axis=1)
+            out[:, np.searchsorted(keep, columns.min())] = mean
+    n = int((counts > 1).sum())
+    repairs[f"--duplicates {rule}: duplicated genes"] = (
+        repairs.get(f"--duplicates {rule}: duplicated genes", 0) + n)
+    log(f"--duplicates {rule}: {n} gene(s) had several columns (e.g. {where})")
+    return out, genes[keep], mods[keep]
+
+
+# ----------------------------------------------------------------------------- statistics
+def fit_expression(groups_data, vocab_size: int, std_floor: float, clip: float,
+                   repairs: dict) -> dict:
+    """Per-gene mean/std over training samples; z-scores and clips every group in place."""
+    total = np.zeros(vocab_size)
+    count = np.zeros(vocab_size)
+    for values, genes, mods, train in groups_data:
+        cols = np.flatnonzero(mods == 0)
+        block = values[train][:, cols]
+        np.add.at(total, genes[cols], np.nansum(block, axis=0))
+        np.add.at(count, genes[cols], (~np.isnan(block)).sum(axis=0))
+    mean = np.divide(total, count, out=np.zeros(vocab_size), where=count > 0)
+    sq = np.zeros(vocab_size)
+    for values, genes, mods, train in groups_data:
+        cols = np.flatnonzero(mods == 0)
+        block = values[train][:, cols] - mean[genes[cols]]
+        np.add.at(sq, genes[cols], np.nansum(block * block, axis=0))
+    raw_std = np.sqrt(np.divide(sq, count, out=np.zeros(vocab_size), where=count > 0))
+    std = np.maximum(raw_std, std_floor)
+    fitted = np.flatnonzero(count > 0)
+    floored = int((raw_std[fitted] < std_floor).sum())
+    if floored:
+        repairs["genes with std < --std-floor (std floored)"] = floored
+    unfitted = set()
+    for values, genes, mods, _ in groups_data:
+        cols = np.flatnonzero(mods == 0)
+        orphan = cols[count[genes[cols]] == 0]
+        unfitted |= set(genes[orphan].tolist())
+        values[:, orphan] = np.nan  # no training value: no statistics, no tokens
+        cols = cols[count[genes[cols]] > 0]
+        values[:, cols] = np.clip((values[:, cols] - mean[genes[cols]]) / std[genes[cols]],
+                                  -clip, clip)
+    if unfitted:
+        repairs["expression genes without training values (tokens dropped)"] = len(unfitted)
+    return {"genes": fitted.tolist(), "mean": mean[fitted].tolist(),
+            "std": std[fitted].tolist(), "std_floored": floored}
+
+
+def bin_edges(groups_data, n_bins: int, seed: int) -> np.ndarray:
+    """n_bins - 1 quantile edges of the training expression z-scores (as float32 values)."""
+    chunks = []
+    for values, _, mods, train in groups_data:
+        block = values[train][:, mods == 0].astype(np.float32).ravel()
+        chunks.append(block[~np.isnan(block)])
+    pooled = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if not len(pooled):
+        return np.zeros(0)
+    if len(pooled) > MAX_BIN_SAMPLE:
+        pooled = np.random.default_rng(seed).choice(pooled, MAX_BIN_SAMPLE, replace=False)
+    return np.quantile(pooled.astype(np.float64), np.arange(1, n_bins) / n_bins)
+
+
+# ----------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Streams one split's records into size-balanced shards {split}-IIIII-of-NNNNN.arrayrecord
+    (the split's sample count is known up front)."""
+
+    def __init__(self, folder: str, split: str, total: int, per_shard: int):
+        self.folder, self.split, self.total = folder, split, total
+        n = math.ceil(total / per_shard)
+        self.sizes = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        self.files = [f"{split}-{i:05d}-of-{n:05d}.arrayrecord" for i in range(n)]
+        self.shard, self.in_shard, self.written, self.writer = 0, 0, 0, None
+
+    def write(self, record: bytes) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self.writer is None:
+            self.writer = ArrayRecordWriter(os.path.join(self.folder, self.files[self.shard]),
+                                            "group_size:1")
+        self.writer.write(record)
+        self.in_shard += 1
+        self.written += 1
+        if self.in_shard == self.sizes[self.shard]:
+            self.writer.close()
+            _fsync_file(os.path.join(self.folder, self.files[self.shard]))
+            self.writer, self.shard, self.in_shard = None, self.shard + 1, 0
+            log(f"{self.split}: {self.written}/{self.total} samples written "
+                f"({self.shard}/{len(self.files)} shards)")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.written != self.total:  # a bug, not bad input
+            raise RuntimeError(f"{self.split}: wrote {self.written} of {self.total} samples")
+
+
+def _write(folder: str, name: str, data: bytes) -> None:
+    path = os.path.join(folder, name)
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _cfm_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cfm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- the run
+def read_inputs(args) -> tuple[list, list, dict | None]:
+    """The omics tables (checked), the --clinical tables and the gene lengths."""
+    suffix_map = ot.parse_suffix_map(args.suffix_map)
+    clinical_columns = tuple(c for c in (args.clinical_columns or "").split(",") if c)
+    layout = {"auto": "auto", "samples_by_genes": "samples x genes",
+              "genes_by_samples": "genes x samples"}[args.orientation]
+    tables = []
+    for spec in args.input:
+        path, modality = ot.split_input_spec(spec)
+        t0 = time.time()
+        table = ot.read_table(path, modality, orientation=layout, suffix_map=suffix_map,
+                              sample_column=args.sample_column,
+                              patient_column=args.patient_column,
+                              clinical_columns=clinical_columns, layer=args.layer)
+        counts = {m: len(table.columns_of(m)) for m in table.modalities()}
+        log(f"read {table.name} ({table.layout}): {len(table.sample_ids)} samples, features "
+            f"{counts}, {table.clinical.shape[1]} clinical columns ({time.time() - t0:.1f} s)")
+        if "expression" in counts and args.expression_transform is None:
+            raise OmicsInputError(f"{path} has expression values: choose "
+                                  "--expression-transform (log1p for counts, cpm_log1p, "
+                                  "tpm_log1p, signed_log1p for z-score-like tables such as "
+                                  "TCGA _rnaseq, none for values already on a log scale)")
+        ot.check_values(table, args.fill_missing, args.expression_transform)
+        tables.append(table)
+    extra = [(p, *ot.read_clinical(p, args.clinical_sample_column)) for p in args.clinical]
+    lengths = ot.read_gene_lengths(args.gene_lengths) if args.gene_lengths else None
+    return tables, extra, lengths
+
+
+def combine(args, tables, extra, repairs: dict):
+    """(groups of table indices, sample ids per group, clinical table of all samples)."""
+    groups = group_tables(tables, args.combine)
+    group_ids = []
+    for group in groups:
+        members = [tables[k] for k in group]
+        group_ids.append(align(members, args.join, "join", repairs) if len(members) > 1
+                         else members[0].sample_ids)
+        if len(members) > 1:
+            log(f"joined on sample id: {', '.join(t.name for t in members)} -> "
+                f"{len(group_ids[-1])} samples")
+    owner = {}
+    for g, ids in enumerate(group_ids):
+        for sid in ids:
+            if sid in owner:
+                first, second = tables[groups[owner[sid]][0]].path, tables[groups[g][0]].path
+                raise OmicsInputError(f"sample id {sid!r} is in {first} and {second} (stacked "
+                                      "inputs must hold different samples; give modalities "
+                                      "of the same samples as consecutive inputs, or "
+                                      "--combine join)")
+            owner[sid] = g
+    if len(groups) > 1:
+        log(f"stacked {len(groups)} groups of inputs: {len(owner)} samples")
+    clinical = merge_clinical(tables, groups, extra, args.join, repairs)
+    if len(clinical) < len(owner):  # --join inner dropped samples without clinical rows
+        kept = set(clinical.index)
+        for g, group in enumerate(groups):
+            index = {s: i for i, s in enumerate(group_ids[g])}
+            group_ids[g] = [s for s in group_ids[g] if s in kept]
+            for k in group:
+                tables[k].take_rows(np.array([index[s] for s in group_ids[g]], np.int64))
+    return groups, group_ids, clinical.loc[[s for ids in group_ids for s in ids]]
+
+
+def patients_of(args, tables, extra, clinical) -> list[str]:
+    """Patient id per sample (clinical order)."""
+    sample_ids = list(clinical.index)
+    if args.patient_column is None:
+        return sample_ids
+    if args.patient_column in clinical.columns:
+        values = clinical[args.patient_column]
+        bad = [s for s, v in zip(sample_ids, values) if str(v).strip() in ("", "nan", "None")]
+        if bad:
+            raise OmicsInputError(f"--patient-column {args.patient_column!r} is empty for "
+                                  f"{len(bad)} samples, e.g. {bad[:3]}")
+        return [str(v).strip() for v in values]
+    if args.patient_column in {t.id_column for t in tables} | {c for _, _, c in extra}:
+        return sample_ids  # the patient column is the sample id column (TCGA case_id)
+    raise OmicsInputError(f"--patient-column {args.patient_column!r} is not a column of the "
+                          f"inputs (clinical columns: {list(clinical.columns[:10])})")
+
+
+def build_vocab(args, tables) -> Vocab:
+    """--vocab, or every gene of the inputs sorted by name."""
+    if args.vocab:
+        try:
+            return Vocab(read_vocab(args.vocab), frozen=True)
+        except ValueError as err:
+            raise OmicsInputError(str(err)) from err
+    vocab = Vocab()
+    for table in tables:
+        for sym, ens in zip(table.symbols, table.ensembl):
+            vocab.add(sym, ens)
+    return vocab.sorted()
+
+
+def group_matrices(args, tables, groups, group_ids, gene_ids, split_of, lengths, repairs):
+    """Per group (values [samples, features], gene ids, modality indices, train mask): missing
+    cells filled, expression transformed, duplicates resolved."""
+    filled = 0
+    for g, group in enumerate(groups):
+        train_rows = np.array([split_of[s] == "train" for s in group_ids[g]])
+        for k in group:
+            filled += ot.fill_missing(tables[k], args.fill_missing, train_rows)
+            if args.expression_transform:
+                ot.transform_expression(tables[k], args.expression_transform, lengths)
+    if filled:
+        repairs[f"--fill-missing {args.fill_missing}: cells filled"] = filled
+    skipped = sum(int(np.isnan(t.values).sum()) for t in tables)
+    if args.fill_missing == "skip" and skipped:
+        repairs["--fill-missing skip: missing cells left out (no token)"] = skipped
+    mod_index = {m: i for i, m in enumerate(MODALITIES)}
+    out = []
+    for g, group in enumerate(groups):
+        values = np.concatenate([tables[k].values for k in group], axis=1)
+        genes = np.concatenate([gene_ids[k] for k in group])
+        mods = np.array([mod_index[m] for k in group for m in tables[k].modality], np.int64)
+        names = [f"{tables[k].name}:{n}" for k in group for n in tables[k].names]
+        values, genes, mods = dedupe(values, genes, mods, names, args.duplicates, repairs)
+        out.append((values, genes, mods, np.array([split_of[s] == "train"
+                                                   for s in group_ids[g]])))
+    return out
+
+
+def write_records(groups_data, group_ids, edges, split_of, patient_of, where, writers):
+    """Encode every sample into its split's writer; returns (max tokens, modalities present)."""
+    max_tokens, present = 0, set()
+    for g, (values, genes, mods, _) in enumerate(groups_data):
+        order = np.lexsort((mods, genes))  # vocab-id order; a gene's modalities in MODALITIES
+        values, genes, mods = values[:, order].astype(np.float32), genes[order], mods[order]
+        classes = np.zeros(values.shape, np.uint8)
+        exp = mods == 0
+        classes[:, exp] = np.searchsorted(edges, values[:, exp].astype(np.float64), "right")
+        classes[:, mods == 1] = np.nan_to_num(values[:, mods == 1])
+        classes[:, mods == 2] = np.nan_to_num(values[:, mods == 2]) + 2
+        for i, sid in enumerate(group_ids[g]):
+            ok = ~np.isnan(values[i])
+            if not ok.any():
+                raise OmicsInputError(f"sample {sid!r} ({where[g]}) has no non-missing feature")
+            present |= set(mods[ok].tolist())
+            max_tokens = max(max_tokens, int(ok.sum()))
+            meta = {"sample_id": sid, "patient_id": patient_of[sid], "split": split_of[sid]}
+            writers[split_of[sid]].write(encode_sample(meta, genes[ok], mods[ok], values[i, ok],
+                                                       classes[i, ok]))
+    for writer in writers.values():
+        writer.close()
+    return max_tokens, present
+
+
+def prepare(args, out_tmp: str) -> dict:
+    """Everything but the final rename: read, check, combine, fit, write into out_tmp."""
+    start, repairs = time.time(), {}
+    tables, extra, lengths = read_inputs(args)
+    groups, group_ids, clinical = combine(args, tables, extra, repairs)
+    sample_ids = list(clinical.index)
+    patients = patients_of(args, tables, extra, clinical)
+    splits = assign_splits(patients, args.seed, args.val_fraction, args.test_fraction)
+    if "train" not in splits:
+        raise OmicsInputError("no sample fell into the training split; lower --val-fraction / "
+                              "--test-fraction or add samples")
+    split_of, patient_of = dict(zip(sample_ids, splits)), dict(zip(sample_ids, patients))
+    vocab = build_vocab(args, tables)
+    gene_ids = map_genes(tables, vocab, args.drop_unknown_genes, repairs)
+    groups_data = group_matrices(args, tables, groups, group_ids, gene_ids, split_of, lengths,
+                                 repairs)
+    expression = fit_expression(groups_data, len(vocab), args.std_floor, args.clip, repairs)
+    edges = bin_edges(groups_data, args.n_bins, args.seed)
+    where = [", ".join(tables[k].name for k in group) for group in groups]
+    writers = {s: ShardWriter(out_tmp, s, splits.count(s), args.samples_per_shard)
+               for s in SPLITS}
+    max_tokens, present = write_records(groups_data, group_ids, edges, split_of, patient_of,
+                                        where, writers)
+
+    _write(out_tmp, "vocab.tsv", vocab.tsv())
+    stats = {"expression": {"transform": args.expression_transform, "clip": args.clip,
+                            "std_floor": args.std_floor, **expression},
+             "bin_edges": [float(e) for e in edges], "n_bins": args.n_bins}
+    _write(out_tmp, "stats.json", json.dumps(stats).encode("utf-8"))
+    table = clinical.rename(columns={c: f"{c}_input" for c in clinical.columns
+                                     if c in ("sample_id", "patient_id", "split")})
+    table.insert(0, "split", splits)
+    table.insert(0, "patient_id", patients)
+    table.insert(0, "sample_id", sample_ids)
+    _write(out_tmp, "clinical.csv", table.to_csv(index=False).encode("utf-8"))
+    genes_per_modality = {name: len(set().union(*(genes[mods == m].tolist()
+                                                  for _, genes, mods, _ in groups_data)))
+                          for m, name in enumerate(MODALITIES) if m in present}
+    inputs = [{"name": t.name, "sha256": _file_sha256(t.path), "role": "omics",
+               "layout": t.layout, "samples": len(t.sample_ids),
+               "features": {m: len(t.columns_of(m)) for m in t.modalities()}} for t in tables]
+    for role, paths in (("clinical", args.clinical), ("vocab", [args.vocab] * bool(args.vocab)),
+                        ("gene_lengths", [args.gene_lengths] * bool(args.gene_lengths))):
+        inputs += [{"name": os.path.basename(p), "sha256": _file_sha256(p), "role": role}
+                   for p in paths]
+    manifest = {
+        "format": FORMAT, "vocab_size": len(vocab), "n_bins": args.n_bins,
+        "modalities": [MODALITIES[m] for m in sorted(present)], "max_tokens": max_tokens,
+        "splits": {s: {"files": writers[s].files, "samples": splits.count(s),
+                       "patients": len({p for p, x in zip(patients, splits) if x == s})}
+                   for s in SPLITS},
+        "genes_per_modality": genes_per_modality, "groups": where, "repairs": repairs,
+        "inputs": inputs, "options": vars(args),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cfm_version": _cfm_version(), "seconds": round(time.time() - start, 2)}
+    _write(out_tmp, "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
+    return manifest
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep.prepare_omics", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", action="append", required=True, metavar="FILE[:MODALITY]",
+                   help="omics table (.csv/.tsv[.gz], .parquet, .h5ad); repeat for several")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared --out")
+    p.add_argument("--orientation", default="auto",
+                   choices=("auto", "samples_by_genes", "genes_by_samples"))
+    p.add_argument("--sample-column", default=None,
+                   help="sample id column of samples x genes tables (default: the first)")
+    p.add_argument("--patient-column", default=None,
+                   help="patient id column (default: each sample is its own patient)")
+    p.add_argument("--clinical", action="append", default=[],
+                   help="clinical table joined on sample id (e.g. ICB *_clinical.csv.gz)")
+    p.add_argument("--clinical-sample-column", default=None,
+                   help="sample id column of --clinical tables (default: the first)")
+    p.add_argument("--clinical-columns", default="",
+                   help="comma list of non-feature columns of plain samples x genes tables")
+    p.add_argument("--suffix-map", default=ot.DEFAULT_SUFFIXES,
+                   help="column-name suffix -> modality (default %(default)s)")
+    p.add_argument("--layer", default=None, help=".h5ad layer to read instead of X")
+    p.add_argument("--combine", default="auto", choices=("auto", "stack", "join"))
+    p.add_argument("--join", default="exact", choices=("exact", "inner"))
+    p.add_argument("--vocab", default=None, help="reuse a previous run's vocab.tsv")
+    p.add_argument("--drop-unknown-genes", action="store_true",
+                   help="with --vocab: drop genes it lacks instead of failing")
+    p.add_argument("--duplicates", default="error", choices=("error", "first", "mean"))
+    p.add_argument("--fill-missing", default="error", choices=("error", "zero", "median", "skip"))
+    p.add_argument("--expression-transform", default=None, choices=ot.TRANSFORMS)
+    p.add_argument("--gene-lengths", default=None, help="gene, length (bp) table for TPM")
+    p.add_argument("--std-floor", type=float, default=0.01,
+                   help="minimum per-gene std in transformed units (default %(default)s)")
+    p.add_argument("--clip", type=float, default=10.0, help="clip z-scores to +-this")
+    p.add_argument("--n-bins", type=int, default=51, help="expression classes (2-256)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    return p
+
+
+def _usage_error(args) -> str | None:
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1
+            and args.val_fraction + args.test_fraction < 1):
+        return "--val-fraction and --test-fraction must be >= 0 with a sum < 1"
+    if not 2 <= args.n_bins <= 256:
+        return "--n-bins must be in [2, 256] (classes are uint8)"
+    if not args.clip > 0 or not args.std_floor > 0:
+        return "--clip and --std-floor must be > 0"
+    if args.samples_per_shard < 1:
+        return "--samples-per-shard must be >= 1"
+    if args.drop_unknown_genes and not args.vocab:
+        return "--drop-unknown-genes needs --vocab"
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        if not args.overwrite:
+            return f"--out {args.out} exists; add --overwrite to replace it"
+        if not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(
+                os.path.join(out, "manifest.json"))):
+            return (f"--out {args.out} exists and is not a prepared omics folder; refusing to "
+                    "replace it")
+    if not os.path.isdir(os.path.dirname(out)):
+        return f"the folder of --out {args.out} does not exist"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns 0, 2 for bad usage or input, 1 if writing failed."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    problem = _usage_error(args)
+    if problem:
+        print(f"prepare_omics: {problem}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out)
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that had this pid
+    os.makedirs(tmp)
+    try:
+        manifest = prepare(args, tmp)
+        _fsync_dir(tmp)
+        if os.path.exists(out):  # --overwrite: swap, and only then delete the old folder
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(parent)
+    except OmicsInputError as err:
+        print(f"prepare_omics: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"prepare_omics: cannot write {out}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sp = manifest["splits"]
+    log("done: " + ", ".join(f"{s} {sp[s]['samples']} samples / {sp[s]['patients']} patients"
+                             for s in SPLITS)
+        + f"; genes per modality {manifest['genes_per_modality']}; vocab "
+          f"{manifest['vocab_size']}; max tokens {manifest['max_tokens']}; repairs "
+          f"{manifest['repairs'] or 'none'}; {manifest['seconds']} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
