@@ -70,6 +70,19 @@ def matmul_rate(n: int = 2048, reps: int = 8) -> float:
     return 2.0 * n ** 3 * reps / best
 
 
+def time_steps(compiled, state, batch, steps: int):
+    """(state, last metrics, median seconds per step) over `steps` calls after one warm-up."""
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, out = compiled(state, batch)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+    return state, out, float(np.median(times))
+
+
 JEMALLOC = [f"/usr/lib/{arch}-linux-gnu/libjemalloc.so.2" for arch in ("x86_64", "aarch64")]
 
 
@@ -140,15 +153,7 @@ def main() -> None:
     xla_flops = float(cost["flops"])
     model = flops.dino_step_flops(c, buffer)
 
-    state, out = compiled(state, batch)  # warm-up
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, out = compiled(state, batch)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t)
-    step_s = float(np.median(times))
+    state, out, step_s = time_steps(compiled, state, batch, args.steps)
     peak = matmul_rate()
 
     images_per_s = args.batch / step_s

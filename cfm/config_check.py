@@ -89,3 +89,56 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
            "optim.lr_scaling", g("optim.lr_scaling"), "use sqrt_wrt_1024, linear_wrt_256 or none")
     _check(g("optim.warmup_epochs") <= g("epochs"), "optim.warmup_epochs",
            g("optim.warmup_epochs"), f"longer than the run ({g('epochs')} epochs)")
+
+
+def validate_mgm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check a masked-gene-modelling config (configs/omics_mgm.py); return a copy whose
+    model.vocab_size and model.n_bins (-1 = from the data) are filled from the data, so the
+    checkpointed config builds the same model without the data."""
+    from cfm.data import omics_pipeline
+    from cfm.models import omics
+
+    g = lambda k: _get(config, k)  # noqa: E731
+    for k in ["batch_size", "steps_per_epoch", "epochs", "log_every", "checkpoint_every",
+              "keep_checkpoints", "data.max_tokens"]:
+        _check(isinstance(g(k), int) and g(k) > 0, k, g(k), "must be a positive integer")
+    for k in ["keep_every", "mesh.slices"]:
+        _check(isinstance(g(k), int) and g(k) >= 0, k, g(k), "must be an integer >= 0")
+    for k in ["resume_step", "init_from_step"]:
+        _check(isinstance(g(k), int) and g(k) >= -1, k, g(k),
+               "must be -1 (the latest checkpoint) or a step >= 0")
+    _check(g("total_steps") == -1 or g("total_steps") > 0, "total_steps", g("total_steps"),
+           "must be -1 (epochs * steps_per_epoch) or positive")
+    _check(g("model.variant") in omics.VARIANTS, "model.variant", g("model.variant"),
+           f"choose one of {sorted(omics.VARIANTS)}")
+    _check(g("model.value_encoding") in ("continuous", "binned"), "model.value_encoding",
+           g("model.value_encoding"), "use continuous or binned")
+    _check(g("mgm.expression_loss") in ("regression", "classification"), "mgm.expression_loss",
+           g("mgm.expression_loss"), "use regression or classification")
+    _check(0 < g("mgm.mask_ratio") < 1, "mgm.mask_ratio", g("mgm.mask_ratio"),
+           "must be in (0, 1)")
+    for k in ["mgm.expression_weight", "mgm.mutation_weight", "mgm.cnv_weight"]:
+        _check(g(k) >= 0, k, g(k), "must be >= 0")
+    _check(g("model.attention") in ("auto", "dot_product_attention", "heads_major"),
+           "model.attention", g("model.attention"),
+           "use auto, dot_product_attention or heads_major")
+    _check(g("model.dtype") in ("float32", "bfloat16", "float16"), "model.dtype",
+           g("model.dtype"), "use float32, bfloat16 or float16")
+    _check(g("optim.base_lr") > 0, "optim.base_lr", g("optim.base_lr"), "must be > 0")
+    _check(not g("init_from"), "init_from", g("init_from"),
+           "not supported for masked gene modelling yet (resume a workdir instead)")
+    _check(g("data.source") in ("synthetic", "prepared"), "data.source", g("data.source"),
+           "use synthetic or prepared (a data_prep.prepare_omics folder)")
+    if g("data.source") == "prepared":
+        _check(bool(g("data.path")), "data.path", g("data.path"),
+               "set the folder written by python -m data_prep.prepare_omics")
+    try:
+        vocab, n_bins = omics_pipeline.data_sizes(config.data)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"config.data.path={g('data.path')!r}: {e}") from None
+    for key, found in (("model.vocab_size", vocab), ("model.n_bins", n_bins)):
+        _check(g(key) in (-1, found), key, g(key), f"the data has {found}; use -1 or {found}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.vocab_size, config.model.n_bins = vocab, n_bins
+    return config

@@ -1,6 +1,7 @@
 """Tile embeddings for every tile in a set of tile shards, from a pretrained backbone.
 
     python -m cfm.embed --model WORKDIR|EXPORT [--step N] --shards DIR --out DIR [--batch 128]
+    python -m cfm.embed --model WORKDIR|EXPORT --omics PREPARED --out DIR   (cfm/omics_embed.py)
 
 `--model` is a cfm training workdir (its latest, or `--step`, checkpoint's teacher backbone, as
 DINOv2 releases the teacher) or a `python -m cfm.export` folder in orbax or safetensors format.
@@ -117,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True,
                     help="a cfm.train --workdir or a cfm.export folder (orbax/safetensors)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--shards", required=True, help="tile_wsi --out folder (ArrayRecord shards)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="tile_wsi --out folder (ArrayRecord shards)")
+    src.add_argument("--omics", help="data_prep.prepare_omics --out folder (sample embeddings)")
     ap.add_argument("--out", required=True, help="new folder for embeddings + index.csv")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--per-file", type=int, default=100_000, help="embedding rows per .npy file")
@@ -125,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.per_file < 1:
         ap.error("--batch and --per-file must be positive")
     try:
-        n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file)
+        if args.omics:
+            from cfm.omics_embed import embed_omics
+
+            n = embed_omics(args.model, args.omics, args.out, args.step, min(args.batch, 64))
+        else:
+            n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"cfm.embed: {e}", file=sys.stderr)
         return 2

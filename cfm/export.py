@@ -94,8 +94,42 @@ def _cfm_version() -> str:
         return "unknown"
 
 
+OMICS_FILES = ("vocab.tsv", "stats.json", "manifest.json")  # copied from the prepared folder
+
+
+def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
+    """config.json of an omics (masked gene modelling) export: the vocabulary and statistics
+    travel with the weights, since token ids and normalisation mean nothing without them."""
+    if fmt == "timm":
+        raise ExportError("--format timm is for ViTs; export an omics model as orbax or "
+                          "safetensors")
+    root = config.get("data", {}).get("path", "")
+    found = [n for n in OMICS_FILES if root and os.path.isfile(os.path.join(root, n))]
+    return {
+        "architecture": pretrained.architecture(config["model"]),
+        "preprocessing": {
+            "files": found,
+            "recipe": "prepare new tables with python -m data_prep.prepare_omics --vocab "
+                      "<this folder>/vocab.tsv so gene ids match; values as stats.json says",
+            "note": None if found else f"data.source={config['data'].get('source')!r}, "
+                    f"data.path={root!r}: no vocab.tsv/stats.json on the exporting machine",
+        },
+        "provenance": {
+            "step": int(step), "training_config": config, "cfm_version": _cfm_version(),
+            "data_manifests": [{"path": n, "sha256": _sha256(os.path.join(root, n))}
+                               for n in found],
+            "export_time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "weights": "the network's backbone (masked gene modelling has no teacher)",
+        },
+        "export": {"format": fmt, "dtype": dtype},
+    }
+
+
 def build_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     """The export's config.json: architecture, preprocessing, provenance, export."""
+    if config.get("objective") == "mgm":
+        return _omics_info(config, step, fmt, dtype)
     tiles, manifests, note = data_manifests(config.get("data", {}))
     arch = pretrained.architecture(config["model"])
     info = {
@@ -220,7 +254,26 @@ def _cast(tree: dict, dtype: str) -> dict:
             for k, v in tree.items()}
 
 
+def _omics_readme(info: dict, out: str) -> str:
+    arch, prov = info["architecture"], info["provenance"]
+    return (f"# cfm {arch['variant']} omics encoder, step {prov['step']}\n\n"
+            f"Exported by `python -m cfm.export` (cfm {prov['cfm_version']}) on "
+            f"{prov['export_time_utc']} as `{info['export']['format']}`, "
+            f"{info['export']['dtype']} weights. Width {arch['width']}, depth {arch['depth']}, "
+            f"{arch['heads']} heads, vocabulary {arch['vocab_size']}, values "
+            f"{arch['value_encoding']}. Pretrained by masked gene modelling.\n\n"
+            "Prepare tables with `python -m data_prep.prepare_omics --vocab "
+            f"{os.path.join(out, 'vocab.tsv')} ...`, then\n\n"
+            f"```bash\npython -m cfm.embed --model {out} --omics PREPARED --out EMB\n```\n\n"
+            "or in JAX:\n\n```python\nimport cfm\n"
+            f"model, params = cfm.load_pretrained({out!r})\n"
+            "out = model.apply({'params': params}, gene_ids, modality, values, classes)\n"
+            "sample_embedding = out['cls']\n```\n")
+
+
 def _readme(info: dict, out: str) -> str:
+    if info["architecture"].get("family") == "omics":
+        return _omics_readme(info, out)
     arch, prep, prov = info["architecture"], info["preprocessing"], info["provenance"]
     fmt = info["export"]["format"]
     head = (f"# cfm {arch['variant']} teacher backbone, step {prov['step']}\n\n"
@@ -269,6 +322,9 @@ def _write(tmp: str, info: dict, params: dict, out: str) -> None:
         f.write("\n")
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
         f.write(_readme(info, out))
+    root = info["provenance"]["training_config"].get("data", {}).get("path", "")
+    for name in info["preprocessing"].get("files", []):  # omics: vocabulary and statistics
+        shutil.copyfile(os.path.join(root, name), os.path.join(tmp, name))
 
 
 def _umask_modes(folder: str) -> None:
@@ -333,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cfm.export: {e}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out)
-    print(f"cfm.export: wrote the step-{info['provenance']['step']} teacher backbone "
+    print(f"cfm.export: wrote the step-{info['provenance']['step']} backbone "
           f"({info['architecture']['variant']}, {args.format}, {args.dtype}) to {out}")
     if args.format == "timm":
         print("cfm.export: load it with\n" + timm_call(info["export"]["timm"],

@@ -164,9 +164,9 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str, int | None]:
 def read_checkpoint_params(workdir: str, step: int | None = None
                            ) -> tuple[dict, dict, dict, int]:
     """(training config, student params, teacher params, step) of a cfm.train checkpoint, as
-    numpy trees in the per-block layout (heads included). Like `pretrained.read_checkpoint`: an
-    orbax partial restore of `params` and `teacher` only (the optimiser state stays on disk),
-    the target tree taken from the checkpoint's own metadata, any mesh, on the host."""
+    numpy trees in the per-block layout (heads included; teacher {} for runs without one). Like
+    `pretrained.read_checkpoint`: an orbax partial restore of `params` and `teacher` only (the
+    optimiser state stays on disk), the target tree taken from the checkpoint's own metadata, any mesh, on the host."""
     import orbax.checkpoint as ocp
 
     config, arch, step_dir, step = pretrained.read_checkpoint_config(workdir, step)
@@ -174,14 +174,14 @@ def read_checkpoint_params(workdir: str, step: int | None = None
         with ocp.PyTreeCheckpointer() as ckptr:
             folder = os.path.join(step_dir, "state")
             meta = ckptr.metadata(folder).item_metadata.tree
-            meta = {k: meta[k] for k in ("params", "teacher")}
+            meta = {k: meta[k] for k in ("params", "teacher") if meta.get(k)}
             state = ckptr.restore(folder, args=ocp.args.PyTreeRestore(
                 item=pretrained.map_dict(lambda m: np.zeros((), m.dtype), meta),
                 restore_args=pretrained.map_dict(
                     lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta),
                 partial_restore=True))
         trees = [dict(state[k], backbone=pretrained.unstack_blocks(
-            state[k]["backbone"], arch["depth"])) for k in ("params", "teacher")]
+            state[k]["backbone"], arch["depth"])) for k in meta]
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {step_dir} is damaged: the student/teacher do not "
                               f"read ({type(e).__name__}: {str(e)[:300]})") from None
@@ -190,7 +190,7 @@ def read_checkpoint_params(workdir: str, step: int | None = None
         for k, v in pretrained.flatten(tree).items():
             if not np.all(np.isfinite(np.asarray(v, np.float32))):
                 raise CheckpointError(f"checkpoint {step_dir}: {k} holds NaN or inf values")
-    return config, trees[0], trees[1], step
+    return config, trees[0], trees[1] if len(trees) > 1 else {}, step
 
 
 def read_source(path: str, step: int | None = None) -> Source:

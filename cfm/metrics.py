@@ -32,8 +32,12 @@ def _fmt_duration(seconds: float) -> str:
 class MetricWriter:
     """Console + TensorBoard (tensorboardX) + metrics.jsonl + loss_curve.png."""
 
-    def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True):
+    def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True,
+                 unit: str = "images"):
+        """unit: what a batch holds (images, samples): throughput is logged as `<unit>_per_s`."""
         self.workdir = workdir
+        self.rate_key = f"{unit}_per_s"
+        self.rate_label = {"images": "img/s"}.get(unit, f"{unit}/s")
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.enabled = enabled
@@ -56,12 +60,12 @@ class MetricWriter:
         self._last_time, self._last_step = time.perf_counter(), step
 
     def write(self, step: int, scalars: Mapping[str, float]) -> dict:
-        """Log `scalars` at `step` (the number of completed steps); adds images/s and ETA."""
+        """Log `scalars` at `step` (the number of completed steps); adds throughput and ETA."""
         now = time.perf_counter()
         out = {k: float(v) for k, v in scalars.items()}
         if self._last_time is not None and step > self._last_step:
             sec_per_step = (now - self._last_time) / (step - self._last_step)
-            out["images_per_s"] = self.batch_size / sec_per_step
+            out[self.rate_key] = self.batch_size / sec_per_step
             out["eta_s"] = sec_per_step * (self.total_steps - step)
         self._last_time, self._last_step = now, step
         if not self.enabled:
@@ -83,11 +87,11 @@ class MetricWriter:
         width = len(str(self.total_steps))
         parts = [f"step {step:>{width}}/{self.total_steps}"]
         for k, v in out.items():
-            if k in ("images_per_s", "eta_s"):
+            if k in (self.rate_key, "eta_s"):
                 continue
             parts.append(f"{k} {v:.4g}")
-        if "images_per_s" in out:
-            parts.append(f"{out['images_per_s']:.1f} img/s")
+        if self.rate_key in out:
+            parts.append(f"{out[self.rate_key]:.1f} {self.rate_label}")
             parts.append(f"eta {_fmt_duration(out['eta_s'])}")
         return " | ".join(parts)
 
@@ -106,8 +110,8 @@ def read_history(workdir: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(workdir: str, keys: tuple[str, ...] = ("loss", "dino", "ibot", "koleo", "kde")
-                    ) -> str | None:
+def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
+        "loss", "dino", "ibot", "koleo", "kde", "expression", "mutation", "cnv")) -> str | None:
     """Write workdir/loss_curve.png from metrics.jsonl; returns its path (None if no history)."""
     history = read_history(workdir)
     if not history:

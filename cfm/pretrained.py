@@ -39,9 +39,21 @@ class Pretrained(NamedTuple):
 def architecture(model_cfg: Any) -> dict:
     """The released backbone's architecture (config.json "architecture") from `config.model`
     of a training config (a ConfigDict or dict)."""
-    from cfm.models import vit
+    from cfm.models import omics, vit
 
     m = dict(model_cfg)
+    if m["variant"] in omics.VARIANTS:
+        o = omics.spec(m["variant"])
+        return {
+            "family": "omics", "variant": m["variant"], "width": o.width, "depth": o.depth,
+            "heads": o.heads, "mlp_hidden": o.mlp_dim, "vocab_size": int(m["vocab_size"]),
+            "n_bins": int(m["n_bins"]), "value_encoding": m.get("value_encoding", "continuous"),
+            "layerscale": float(m.get("layerscale_init", 0.0)),
+            "tokens": "gene-id + value + modality embeddings per token, a learned CLS token; "
+                      "gene ids index vocab.tsv (0 padding), modalities expression, mutation, "
+                      "cnv; no position embeddings",
+            "output": "dict(cls [B, D], tokens [B, L, D]) after the final norm",
+        }
     s = vit.spec(m["variant"])
     ffn = m.get("ffn", "mlp")
     return {
@@ -64,8 +76,14 @@ def build_backbone(arch: dict, dtype: Any = None, **overrides: Any):
     (drop_path_rate, remat, attention, ...) for fine-tuning."""
     import jax.numpy as jnp
 
-    from cfm.models import vit
+    from cfm.models import omics, vit
 
+    if arch.get("family") == "omics":
+        kw = dict(variant=arch["variant"], vocab_size=arch["vocab_size"], n_bins=arch["n_bins"],
+                  value_encoding=arch["value_encoding"], layerscale_init=arch["layerscale"],
+                  drop_path_rate=0.0, dtype=jnp.dtype(dtype or jnp.float32), remat=False)
+        kw.update(overrides)
+        return omics.OmicsTransformer(**kw)
     s = vit.spec(arch["variant"])
     stored = (arch["width"], arch["depth"], arch["heads"], arch["patch"])
     if stored != (s.width, s.depth, s.heads, s.patch):
@@ -86,6 +104,12 @@ def abstract_params(arch: dict, scan_layers: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
+    if arch.get("family") == "omics":
+        module = build_backbone(arch)
+        t = jnp.zeros((1, 4), jnp.int32)
+        shapes = jax.eval_shape(lambda r: module.init(
+            r, t, t, t.astype(jnp.float32), t, value_mask=t.astype(bool)), jax.random.key(0))
+        return nn.meta.unbox(shapes["params"])
     module = build_backbone(arch, scan_layers=scan_layers)
     g = arch["img_size"] - arch["img_size"] % arch["patch"]
     n = (g // arch["patch"]) ** 2
@@ -196,27 +220,29 @@ def read_checkpoint_config(workdir: str, step: int | None = None) -> tuple[dict,
 
 
 def read_checkpoint(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
-    """(training config as a dict, teacher backbone params as numpy in the per-block layout,
-    step) from the latest (or `step`) checkpoint of a cfm.train workdir.
+    """(training config as a dict, backbone params as numpy in the per-block layout, step) from
+    the latest (or `step`) checkpoint of a cfm.train workdir: the teacher's for DINOv2 runs, the
+    (only) network's for masked gene modelling.
 
-    Only `state.teacher.backbone` is read (orbax partial restore into numpy arrays, the target
-    built from the stored config), so this runs on a CPU-only host whatever mesh the run used.
+    Only that backbone is read (orbax partial restore into numpy arrays, the target built from
+    the stored config), so this runs on a CPU-only host whatever mesh the run used.
     """
     import orbax.checkpoint as ocp
 
     config, arch, step_dir, step = read_checkpoint_config(workdir, step)
     scan = bool(config["model"].get("scan_layers", False))
     target = abstract_params(arch, scan_layers=scan)
-    item = {"teacher": {"backbone": map_dict(lambda s: np.zeros((), s.dtype), target)}}  # tree
-    restore_args = {"teacher": {"backbone": map_dict(
+    net = "params" if config.get("objective") == "mgm" else "teacher"
+    item = {net: {"backbone": map_dict(lambda s: np.zeros((), s.dtype), target)}}  # tree
+    restore_args = {net: {"backbone": map_dict(
         lambda s: ocp.RestoreArgs(restore_type=np.ndarray), target)}}
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             state = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))
-        params = unstack_blocks(state["teacher"]["backbone"], arch["depth"])
+        params = unstack_blocks(state[net]["backbone"], arch["depth"])
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {step_dir} is damaged: the teacher backbone does not "
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: the {net} backbone does not "
                               f"read ({type(e).__name__}: {str(e)[:300]})") from None
     check_params(params, arch, f"checkpoint {step_dir}")
     return config, params, step
@@ -271,9 +297,9 @@ def load(path: str, step: int | None = None, dtype: Any = None,
         step = int(info["provenance"]["step"])
     elif os.path.isdir(os.path.join(path, "checkpoints")):
         config, params, step = read_checkpoint(path, step)
-        info = {"architecture": architecture(config["model"]),
-                "preprocessing": {"mean": list(config["augment"]["mean"]),
-                                  "std": list(config["augment"]["std"])},
+        prep = ({"data_path": config["data"].get("path", "")} if "augment" not in config else
+                {"mean": list(config["augment"]["mean"]), "std": list(config["augment"]["std"])})
+        info = {"architecture": architecture(config["model"]), "preprocessing": prep,
                 "provenance": {"training_config": config, "step": step}}
     else:
         raise FileNotFoundError(f"{os.path.abspath(path)} is neither a cfm.export folder (no "
@@ -285,10 +311,12 @@ def load(path: str, step: int | None = None, dtype: Any = None,
 
 def load_pretrained(path: str, step: int | None = None, dtype: Any = None,
                     param_dtype: Any = np.float32, **overrides: Any) -> tuple[Any, dict]:
-    """(flax ViT module, params) for JAX fine-tuning from a cfm.export folder (orbax or
+    """(flax module, params) for JAX fine-tuning from a cfm.export folder (orbax or
     safetensors format) or a cfm.train workdir (teacher backbone of its latest checkpoint, or
     of `step`). `dtype`: compute dtype (default float32); `param_dtype`: dtype of the returned
     params (default float32); `overrides`: other ViT fields, e.g. drop_path_rate=0.1.
-    `model.apply({"params": params}, images)["cls"]` is the final-norm CLS embedding."""
+    `model.apply({"params": params}, images)["cls"]` is the final-norm CLS embedding. For an
+    omics run or export the module is a `cfm.models.omics.OmicsTransformer`, applied to
+    (gene_ids, modality, values, classes) [B, L] arrays (`cfm.embed.embed_omics`)."""
     p = load(path, step, dtype, param_dtype, **overrides)
     return p.module, p.params

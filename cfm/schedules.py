@@ -79,10 +79,10 @@ def last_layer_trainable(config: ml_collections.ConfigDict, step):
 
 
 def all_schedules(config: ml_collections.ConfigDict, step) -> dict:
-    return {
-        "lr": learning_rate(config, step),
-        "wd": weight_decay(config, step),
-        "momentum": teacher_momentum(config, step),
-        "teacher_temp": teacher_temperature(config, step),
-        "last_layer": last_layer_trainable(config, step),
-    }
+    """Every schedule's value at `step`; the teacher's only for DINOv2 configs."""
+    out = {"lr": learning_rate(config, step), "wd": weight_decay(config, step),
+           "last_layer": last_layer_trainable(config, step)}
+    if config.get("objective", "dinov2") == "dinov2":
+        out["momentum"] = teacher_momentum(config, step)
+        out["teacher_temp"] = teacher_temperature(config, step)
+    return out

@@ -1,7 +1,9 @@
-"""The cfm trainer: DINOv2-style self-supervised pretraining of a ViT.
+"""The cfm trainer: DINOv2-style pretraining of a ViT on tiles (`config.objective="dinov2"`) or
+masked gene modelling of an omics transformer (`"mgm"`), with one loop, one checkpoint format.
 
     python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run \
         [--config.key=value ...]
+    python -m cfm.train --config configs/omics_mgm.py:demo --workdir /tmp/cfm_omics_demo
 
 Reads top to bottom: config -> mesh -> models -> sharded state (or the latest checkpoint) ->
 data -> jitted step -> loop (log, checkpoint) -> loss curve. The step is a pure function of
@@ -25,19 +27,19 @@ from etils import epath
 from jax.sharding import Mesh
 
 from cfm import checkpoint, config_check, init_from, metrics, optim, preemption, schedules
-from cfm.models import heads, vit
+from cfm.models import heads, omics, vit
 from cfm.parallel import mesh as mesh_lib
 from cfm.parallel import sharding
-from cfm.ssl import dinov2
+from cfm.ssl import dinov2, mgm
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # completed optimiser steps
-    params: Any  # student {backbone, dino_head[, ibot_head]}
-    teacher: Any  # EMA of the student, same tree
+    params: Any  # student {backbone, dino_head[, ibot_head]} | {backbone, mgm_head}
+    teacher: Any  # EMA of the student, same tree (dinov2); {} (mgm)
     opt_state: Any
-    centers: Any  # {"dino": [K], "ibot": [K]} softmax-centering buffers
+    centers: Any  # {"dino": [K], "ibot": [K]} softmax-centering buffers (dinov2); {} (mgm)
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
@@ -47,10 +49,31 @@ class Models(NamedTuple):
     ibot_head: nn.Module | None  # None when iBOT shares the DINO head
 
 
+class OmicsModels(NamedTuple):
+    backbone: nn.Module  # cfm.models.omics.OmicsTransformer
+    mgm_head: nn.Module
+
+
+def is_mgm(config: ml_collections.ConfigDict) -> bool:
+    """True for masked gene modelling (configs/omics_mgm.py), False for DINOv2."""
+    return config.get("objective", "dinov2") == "mgm"
+
+
+def depth(config: ml_collections.ConfigDict) -> int:
+    """Transformer blocks of the configured backbone (layer-wise lr decay counts them)."""
+    return (omics.spec if is_mgm(config) else vit.spec)(config.model.variant).depth
+
+
 # ================================================================================ models ======
-def build_models(config: ml_collections.ConfigDict) -> Models:
+def build_models(config: ml_collections.ConfigDict) -> Models | OmicsModels:
     m = config.model
     dtype = jnp.dtype(m.dtype)
+    if is_mgm(config):
+        backbone = omics.OmicsTransformer(
+            variant=m.variant, vocab_size=m.vocab_size, n_bins=m.n_bins,
+            value_encoding=m.value_encoding, layerscale_init=m.layerscale_init,
+            drop_path_rate=m.drop_path_rate, dtype=dtype, remat=m.remat, attention=m.attention)
+        return OmicsModels(backbone, omics.MGMHead(m.n_bins, config.mgm.expression_loss, dtype))
     backbone = vit.ViT(variant=m.variant, img_size=m.img_size, num_registers=m.num_registers,
                        layerscale_init=m.layerscale_init, drop_path_rate=m.drop_path_rate,
                        ffn=m.ffn, qkv_bias=m.qkv_bias, dtype=dtype, remat=m.remat,
@@ -63,6 +86,14 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
 
 def _init_params(config, models: Models, rng: jax.Array) -> dict:
     """Boxed (logically partitioned) student parameters."""
+    if is_mgm(config):
+        r1, r2 = jax.random.split(rng)
+        t = jnp.zeros((1, 4), jnp.int32)
+        backbone = models.backbone.init(r1, t, t, t.astype(jnp.float32), t,
+                                        value_mask=t.astype(bool))["params"]
+        width = omics.spec(config.model.variant).width
+        return {"backbone": backbone,
+                "mgm_head": models.mgm_head.init(r2, jnp.zeros((1, width)))["params"]}
     s = vit.spec(config.model.variant)
     g = config.crops.global_size
     n = (g // s.patch) ** 2
@@ -87,22 +118,26 @@ def state_spec(config: ml_collections.ConfigDict, models: Models, mesh: Mesh
     boxed = jax.eval_shape(functools.partial(_init_params, config, models), rng)
     rules = sharding.rules_from_config(config)
     param_sh = sharding.param_shardings(boxed, mesh, rules, config.sharding.min_shard_size)
-    depth = vit.spec(config.model.variant).depth
-    tx = optim.dinov2_adamw(config, nn.meta.unbox(boxed), depth)
+    tx = optim.dinov2_adamw(config, nn.meta.unbox(boxed), depth(config))
     repl = mesh_lib.replicated(mesh)
 
     def init(rng):
         params = nn.meta.unbox(_init_params(config, models, rng))
-        k = config.head.n_prototypes
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          teacher=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                          centers={"dino": jnp.zeros((k,)), "ibot": jnp.zeros((k,))},
+        if is_mgm(config):  # no teacher, no centers
+            teacher, centers = {}, {}
+        else:
+            k = config.head.n_prototypes
+            teacher = jax.tree.map(jnp.copy, params)
+            centers = {"dino": jnp.zeros((k,)), "ibot": jnp.zeros((k,))}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, teacher=teacher,
+                          opt_state=tx.init(params), centers=centers,
                           rng=jax.random.fold_in(rng, 1))
 
     abstract = jax.eval_shape(init, rng)
     opt_sh = jax.tree.map(lambda _: repl, abstract.opt_state)
     opt_sh = opt_sh._replace(adam=opt_sh.adam._replace(mu=param_sh, nu=param_sh))
-    shardings = TrainState(step=repl, params=param_sh, teacher=param_sh, opt_state=opt_sh,
+    shardings = TrainState(step=repl, params=param_sh,
+                           teacher=param_sh if abstract.teacher else {}, opt_state=opt_sh,
                            centers=jax.tree.map(lambda _: repl, abstract.centers), rng=repl)
     return abstract, shardings, tx, init
 
@@ -127,9 +162,11 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 # ================================================================================ step ========
-def make_train_step(config: ml_collections.ConfigDict, models: Models,
+def make_train_step(config: ml_collections.ConfigDict, models: Models | OmicsModels,
                     tx: optax.GradientTransformation, buffer_size: int):
     """The pure step function (state, batch) -> (state, metrics); jit it with shardings."""
+    if is_mgm(config):
+        return _make_mgm_step(config, models, tx)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         sched = schedules.all_schedules(config, state.step)
@@ -146,6 +183,23 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models,
                    wd=sched["wd"], momentum=m, teacher_temp=sched["teacher_temp"])
         return state.replace(step=state.step + 1, params=params, teacher=teacher,
                              opt_state=opt_state, centers=aux["centers"]), out
+
+    return train_step
+
+
+def _make_mgm_step(config, models: OmicsModels, tx: optax.GradientTransformation):
+    """Masked gene modelling: one network, no teacher (cfm.ssl.mgm)."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        sched = schedules.all_schedules(config, state.step)
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss_fn = functools.partial(mgm.objective, config, models.backbone, models.mgm_head)
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = dict(aux["metrics"], grad_norm=optax.tree.norm(grads), lr=sched["lr"],
+                   wd=sched["wd"])
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
     return train_step
 
@@ -173,10 +227,13 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
 # ================================================================================ train =======
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) pretraining in `workdir`; returns the last logged metrics."""
-    from cfm.data import pipeline  # data apart from models: imported where it is wired in
+    from cfm.data import omics_pipeline, pipeline  # data apart from models: wired in here
 
     # ---- config and mesh ------------------------------------------------------------------
-    config_check.validate_dino(config)
+    if is_mgm(config):
+        config = config_check.validate_mgm(config)  # also fills vocab_size/n_bins from the data
+    else:
+        config_check.validate_dino(config)
     try:
         mesh = mesh_lib.make_mesh(config.mesh)
     except ValueError as e:
@@ -227,11 +284,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {}
 
     # ---- data ------------------------------------------------------------------------------
-    patch = vit.spec(config.model.variant).patch
-    buffer_size = pipeline.mask_buffer_size_for(config, patch)
-    batches = pipeline.make_train_iterator(
-        config, patch_size=patch, process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=start)
+    if is_mgm(config):
+        buffer_size = 0
+        batches = omics_pipeline.make_train_iterator(
+            config, process_index=jax.process_index(), process_count=jax.process_count(),
+            start_step=start)
+    else:
+        patch = vit.spec(config.model.variant).patch
+        buffer_size = pipeline.mask_buffer_size_for(config, patch)
+        batches = pipeline.make_train_iterator(
+            config, patch_size=patch, process_index=jax.process_index(),
+            process_count=jax.process_count(), start_step=start)
 
     # ---- step ------------------------------------------------------------------------------
     first = next(batches)
@@ -239,7 +302,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              {k: v.ndim for k, v in first.items()})
 
     # ---- loop ------------------------------------------------------------------------------
-    writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main)
+    writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main,
+                                  unit="samples" if is_mgm(config) else "images")
     watcher = preemption.PreemptionWatcher()  # SIGTERM / preemption notice: save and exit 0
     last: dict = {}
     local = first

@@ -33,7 +33,7 @@ Override any key on the command line, e.g. `--config.batch_size=64 --config.mode
 
 import ml_collections
 
-from cfm.parallel import sharding
+from cfm import run_config
 
 # Mean and std of ImageNet RGB in [0, 1]; DINOv2, UNI and Phikon-v2 all normalise with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +43,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def base_config() -> ml_collections.ConfigDict:
     """DINOv2's default recipe (ssl_default_config.yaml) for ViT-L/16 at batch 1024."""
     c = ml_collections.ConfigDict()
+    c.objective = "dinov2"  # what cfm.train optimises: dinov2 (this file) or mgm (omics)
     c.seed = 0
     c.batch_size = 1024  # global, over all hosts and devices
     c.steps_per_epoch = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH: schedules are in epochs of this
@@ -143,32 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
     c.data.prefetch = 2
 
-    c.mesh = ml_collections.ConfigDict()  # axis sizes; -1 takes the remaining devices
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.mesh.slices = 1  # TPU slices (multi-slice over DCN) or hosts the data axis spans
-
-    # Logical axis -> mesh axes (cfm.parallel.sharding): data parallel over data x fsdp, FSDP on
-    # every weight's embed axis, tensor parallelism on heads, MLP units and prototypes.
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = sharding.DEFAULT_RULES
-    # Parameters with fewer elements stay replicated. 2**10 (with fsdp on every parameter's
-    # longest divisible axis, cfm.parallel.sharding) keeps ViT-g/14's per-chip state within 4%
-    # of total / 256 under fsdp=256; 2**16 left it 27% over (benchmarks/scaling.py).
-    c.sharding.min_shard_size = 2 ** 10
-
-    c.log_every = 10
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3  # the last K checkpoints are kept ...
-    c.keep_every = 0  # ... and every step divisible by this (0: none), e.g. for evaluations
-    c.resume_step = -1  # -1: resume from the latest complete checkpoint; N: from step N
-    # A new run (step 0, fresh optimiser) from pretrained weights: a cfm.train workdir (student
-    # and teacher of its latest checkpoint, or of init_from_step) or a cfm.export folder (its
-    # backbone). Ignored when --workdir holds checkpoints (the run resumes). cfm/init_from.py.
-    c.init_from = ""
-    c.init_from_step = -1  # -1: the latest checkpoint
-    return c
+    return run_config.add_run_keys(c)
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:

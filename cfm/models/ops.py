@@ -42,18 +42,25 @@ def _gelu_jvp(primals, tangents):
     return x * cdf, (cdf + x * pdf) * dx
 
 
-def _attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array,
+                           mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v with heads moved before tokens, so each head's products are
     contiguous batched matmuls; XLA:CPU runs this ~2x faster than the [B, T, N, H] layout."""
     scale = np.float32(q.shape[-1] ** -0.5)
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
     logits = jnp.einsum("bnth,bnsh->bnts", q * scale.astype(q.dtype), k)
+    if mask is not None:  # padding keys get a large negative logit (not -inf: no NaN rows)
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bnsh->bnth", probs, v).transpose(0, 2, 1, 3)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto",
+              mask: jax.Array | None = None) -> jax.Array:
     """Multi-head attention on [B, T, N, H] queries/keys/values -> [B, T, N, H].
+
+    mask: optional [B, T] bool, False for padding tokens, which no query attends to (the omics
+    model's padded gene sets); None = every token is real (ViT crops).
 
     impl: "dot_product_attention" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs,
     XLA's fused kernel on TPUs), "heads_major" (the CPU-friendly spelling above), or "auto" =
@@ -63,7 +70,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> j
     if impl == "auto":
         impl = "heads_major" if jax.default_backend() == "cpu" else "dot_product_attention"
     if impl == "dot_product_attention":
-        return jax.nn.dot_product_attention(q, k, v)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=None if mask is None else mask[:, None, None, :])
     if impl == "heads_major":
-        return _attention_heads_major(q, k, v)
+        return _attention_heads_major(q, k, v, mask)
     raise ValueError(f"model.attention={impl!r}: use auto, dot_product_attention or heads_major")

@@ -99,7 +99,8 @@ class Attention(nn.Module):
     impl: str = "auto"  # see cfm.models.ops.attention
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D]; mask: optional [B, T] bool, False = padding (see ops.attention)."""
         width = x.shape[-1]
         hd = width // self.heads
         w_qkv = self.param("qkv_kernel", _init(TRUNC, ("embed", None, "heads", "kv")),
@@ -110,7 +111,7 @@ class Attention(nn.Module):
                                (3, self.heads, hd))
             qkv = qkv + b_qkv.astype(self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
-        out = ops.attention(q, k, v, self.impl)
+        out = ops.attention(q, k, v, self.impl, mask)
         out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", "act_kv"))
         w_out = self.param("proj_kernel", _init(TRUNC, ("heads", "kv", "embed")),
                            (self.heads, hd, width))
@@ -153,7 +154,7 @@ class Block(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         def rng():
             return self.make_rng("dropout") if train and self.drop_path_rate > 0 else None
 
@@ -163,7 +164,7 @@ class Block(nn.Module):
             return LayerScale(self.layerscale_init, name=name)
 
         attn = Attention(self.heads, self.qkv_bias, self.dtype, self.attention, name="attn")
-        y = attn(_norm(self.dtype, "norm1")(x))
+        y = attn(_norm(self.dtype, "norm1")(x), mask)
         x = x + drop_path(ls("ls1")(y), self.drop_path_rate, rng())
         y = MLP(self.mlp_dim, self.ffn, self.dtype, name="mlp")(_norm(self.dtype, "norm2")(x))
         x = x + drop_path(ls("ls2")(y), self.drop_path_rate, rng())

@@ -1,0 +1,100 @@
+"""Sample embeddings of a prepared omics folder from a masked-gene-modelling model
+(`python -m cfm.embed --model M --omics DIR --out OUT`, see cfm/embed.py).
+
+Every token of a sample goes in (no random subset: the model has no position embeddings, so it
+takes any number of tokens); batches are padded to a multiple of 128 tokens so that a handful of
+shapes compile. The embedding is the final-norm CLS token (D floats).
+
+Output in `--out`: `embeddings.npy` (float32 [n, D]), `index.csv` (row, sample_id, patient_id,
+split) and `embed.json`, written to a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]],
+                      batch: int = 32, bucket: int = 128, value_mask=None) -> np.ndarray:
+    """float32 [len(samples), D] CLS embeddings of token arrays (omics_records.decode_sample's
+    dict); `value_mask`, if given, a list of bool arrays hiding those values (evaluation)."""
+    from cfm.data.omics_pipeline import pad_sample
+
+    apply = jax.jit(lambda p, b, m: module.apply(
+        {"params": p}, b["gene_ids"], b["modality"], b["values"], b["classes"],
+        value_mask=m)["cls"])
+    out = []
+    for lo in range(0, len(samples), batch):
+        chunk = samples[lo:lo + batch]
+        n_tok = max(len(s["gene_ids"]) for s in chunk)
+        length = -(-n_tok // bucket) * bucket
+        padded = [pad_sample(s, length, None) for s in chunk]
+        padded += [padded[-1]] * (batch - len(chunk))  # one batch size: fewer compiles
+        b = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
+        m = np.zeros(b["gene_ids"].shape, bool)
+        if value_mask is not None:
+            for j, vm in enumerate(value_mask[lo:lo + batch]):
+                m[j, :len(vm)] = vm
+        out.append(np.asarray(apply(params, b, m))[:len(chunk)])
+    return np.concatenate(out).astype(np.float32)
+
+
+def embed_omics(model: str, folder: str, out: str, step: int | None = None, batch: int = 32,
+                splits: tuple[str, ...] = SPLITS) -> int:
+    """Write the CLS embeddings of every sample of `splits` in a prepared folder to `out`."""
+    from cfm import pretrained
+    from cfm.data.omics_source import OmicsShardSource, read_manifest
+
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
+    p = pretrained.load(model, step)
+    if p.info["architecture"].get("family") != "omics":
+        raise ValueError(f"--model {model}: a {p.info['architecture'].get('family', 'vit')} "
+                         "model; --omics needs an omics (masked gene modelling) model")
+    manifest = read_manifest(folder)
+    if int(manifest["vocab_size"]) > p.info["architecture"]["vocab_size"]:
+        raise ValueError(f"--omics {folder}: vocabulary of {manifest['vocab_size']} ids, the "
+                         f"model knows {p.info['architecture']['vocab_size']}; prepare it with "
+                         f"--vocab <the model's vocab.tsv>")
+    metas, samples = [], []
+    for split in splits:
+        if not manifest["splits"].get(split, {}).get("samples"):
+            continue
+        src = OmicsShardSource(folder, split)
+        for i in range(len(src)):
+            meta, arrays = src[i]
+            metas.append(meta)
+            samples.append(arrays)
+    if not samples:
+        raise ValueError(f"--omics {folder}: no samples in splits {list(splits)}")
+    start = time.perf_counter()
+    emb = sample_embeddings(p.module, p.params, samples, batch)
+    print(f"cfm.embed: {len(samples)} samples in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    np.save(os.path.join(tmp, "embeddings.npy"), emb)
+    with open(os.path.join(tmp, "index.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "sample_id", "patient_id", "split"])
+        for i, m in enumerate(metas):
+            w.writerow([i, m.get("sample_id"), m.get("patient_id"), m.get("split")])
+    with open(os.path.join(tmp, "embed.json"), "w", encoding="utf-8") as f:
+        json.dump({"checkpoint_step": p.step, "variant": p.info["architecture"]["variant"],
+                   "dim": int(emb.shape[1]), "samples": len(samples),
+                   "feature": "final-norm CLS token, all tokens of each sample"}, f, indent=1)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    return len(samples)

@@ -1,0 +1,135 @@
+"""Masked gene modelling (MGM): pretrain an omics transformer on expression, mutations and copy
+number (cfm/models/omics.py, objective cfm/ssl/mgm.py), with the trainer, sharding, checkpoints
+and export of the image side.
+
+Presets (the `:<arg>` after the file name):
+
+  test      a tiny model on synthetic low-rank omics (64 genes, 8 mutation and 8 CNV tokens);
+            the tests use it (about a second per step on 2 CPU cores).
+  demo      a 4-layer, 128-wide model on synthetic omics, no files needed:
+              python -m cfm.train --config configs/omics_mgm.py:demo --workdir /tmp/cfm_omics_demo
+            The masked-expression MSE falls from ~1.3 to ~0.45 in 300 steps (the noise floor of
+            the generator is 0.2), mutation/CNV accuracy rises above the majority class.
+  tcga      the three TCGA multi-omics tables of ../shared/data/tcga, prepared first:
+              S=../shared/data/tcga
+              python -m data_prep.prepare_omics --input $S/tcga_blca_multiomics.csv.gz \
+                  --input $S/tcga_luad_multiomics.csv.gz --input $S/tcga_kirc_multiomics.csv.gz \
+                  --patient-column case_id --expression-transform signed_log1p --out /tmp/tcga_omics
+              python -m cfm.train --config configs/omics_mgm.py:tcga --workdir /tmp/cfm_tcga \
+                  --config.data.path=/tmp/tcga_omics
+              python -m benchmarks.omics_eval --workdir /tmp/cfm_tcga --data /tmp/tcga_omics
+            omics_small (6 x 256), 1024 tokens per sample, batch 64, 2000 steps; held-out figures
+            (Pearson of masked expression, mutation/CNV accuracy vs baselines) are in README.md.
+  base      omics_base (12 x 512, heads 8), 2048 tokens per sample: the benchmark size of issue 6
+            (benchmarks/omics_step.py); set data.path to a prepared folder.
+
+Override any key on the command line, e.g. `--config.mgm.mask_ratio=0.3`.
+"""
+
+import ml_collections
+
+from cfm import run_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.objective = "mgm"
+    c.seed = 0
+    c.batch_size = 64  # samples per step, global
+    c.steps_per_epoch = 100  # schedules are in epochs of this many steps
+    c.epochs = 20
+    c.total_steps = -1  # -1: epochs * steps_per_epoch
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "omics_small"
+    c.model.vocab_size = -1  # -1: from the data (manifest.json or the synthetic generator)
+    c.model.n_bins = -1  # -1: from the data
+    c.model.value_encoding = "continuous"  # "continuous" (scGPT's value MLP) or "binned"
+    c.model.layerscale_init = 0.0
+    c.model.drop_path_rate = 0.0
+    c.model.dtype = "float32"
+    c.model.remat = False
+    c.model.attention = "auto"
+
+    c.mgm = ml_collections.ConfigDict()
+    # BERT masks 15%; scGPT and BulkRNABert mask larger fractions of expression tokens (scGPT
+    # samples 25-75%); 0.3 is a middle value, cheap to change.
+    c.mgm.mask_ratio = 0.3
+    c.mgm.expression_loss = "regression"  # "regression" (MSE on the value) or "classification"
+    c.mgm.expression_weight = 1.0
+    c.mgm.mutation_weight = 1.0
+    c.mgm.cnv_weight = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # "synthetic" or "prepared" (data_prep.prepare_omics folder)
+    c.data.path = ""
+    c.data.split = "train"
+    c.data.max_tokens = 1024  # random gene subset per sample per step, padded to this length
+    c.data.synthetic_size = 2048
+    c.data.synthetic_genes = 256
+    c.data.synthetic_bins = 51
+    c.data.synthetic_mutations = 32
+    c.data.synthetic_cnv = 32
+    c.data.prefetch = 2
+
+    c.optim = ml_collections.ConfigDict()  # AdamW with a cosine schedule (cfm.optim)
+    c.optim.base_lr = 1e-4
+    c.optim.lr_scaling = "none"
+    c.optim.warmup_epochs = 1
+    c.optim.min_lr = 1e-6
+    c.optim.weight_decay = 0.01
+    c.optim.weight_decay_end = 0.01
+    c.optim.clip_grad = 1.0
+    c.optim.freeze_last_layer_epochs = 0
+    c.optim.layerwise_decay = 1.0
+    c.optim.patch_embed_lr_mult = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    return run_config.add_run_keys(c)
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    c = base_config()
+    if arg == "test":
+        c.model.variant = "omics_test"
+        c.batch_size = 8
+        c.steps_per_epoch = 10
+        c.epochs = 4
+        c.data.max_tokens = 48
+        c.data.synthetic_size = 64
+        c.data.synthetic_genes = 64
+        c.data.synthetic_mutations = 8
+        c.data.synthetic_cnv = 8
+        c.optim.base_lr = 3e-3
+        c.log_every = 5
+        c.checkpoint_every = 10
+    elif arg == "demo":
+        c.model.variant = "omics_tiny"
+        c.batch_size = 32
+        c.steps_per_epoch = 100
+        c.epochs = 3
+        c.data.max_tokens = 128
+        c.optim.base_lr = 1e-3
+        c.log_every = 20
+        c.checkpoint_every = 100
+    elif arg == "tcga":
+        c.model.variant = "omics_tiny"
+        c.data.source = "prepared"
+        c.data.max_tokens = 256
+        c.batch_size = 32
+        c.epochs = 15
+        c.optim.base_lr = 3e-3
+        c.log_every = 50
+        c.checkpoint_every = 200
+    elif arg == "base":
+        c.model.variant = "omics_base"
+        c.data.source = "prepared"
+        c.data.max_tokens = 2048
+        c.batch_size = 256
+        c.steps_per_epoch = 1000
+        c.epochs = 100
+        c.log_every = 100
+        c.checkpoint_every = 1000
+    else:
+        raise ValueError(f"unknown preset {arg!r}: use test, demo, tcga or base")
+    return c
