@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.8.0",  # exported weights: no pickle, readable by timm/PyTorch users
         "pandas>=2.0",  # omics tables and clinical data (data_prep.prepare_omics, cfm.finetune)
         "scikit-learn>=1.4",  # baselines, probes and metrics of cfm.finetune (and KNNImputer)
+        "lifelines>=0.28",  # Cox baselines, Kaplan-Meier and log-rank in cfm.finetune reports
     ],
     extras_require={
         # openslide-bin ships the OpenSlide C library as a wheel: no system package needed.
@@ -35,8 +36,7 @@ setup(
         "omics": ["pyarrow>=14", "anndata>=0.10"],
         "test": ["pytest>=8.0", "scikit-image>=0.24", "openslide-python>=1.4",
                  "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11", "pyarrow>=14",
-                 "anndata>=0.10",
-                 "lifelines>=0.28"],  # reference Cox / concordance for cfm.finetune's tests
+                 "anndata>=0.10"],
         "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
         "tpu": ["jax[tpu]"],
         # gs:// workdirs: orbax/tensorstore write checkpoints themselves; the metrics (etils

@@ -1,0 +1,2 @@
+"""Explanations of downstream models: integrated-gradient attributions and ranked biomarker
+tables (attributions.py), templated per-patient text reports (text_report.py)."""

@@ -1,0 +1,228 @@
+"""Loading the tabular (omics + clinical) cohorts of ../shared/data into one patient table.
+
+`TabularData` has one row per patient: raw omics features, clinical variables (NaN =
+missing), labels (binary response) and survival (time, event), the cohort, and published
+signature scores. Two sources:
+
+- ICB (`load_icb`): PredictioR's immune-checkpoint cohorts, expression log2(TPM + 0.001) of the
+  genes common to the chosen cohorts. Expression is z-scored per gene *within each cohort*
+  (labels are not used; it removes the platform/batch shift between studies, which dominates
+  cross-cohort transfer). Clinical: age (years), sex (1 = male), stage (I-IV -> 1-4) and
+  log1p(TMB per Mb); all-missing variables are dropped from the table.
+- TCGA (`load_tcga`): PORPOISE's per-case table for one cancer type: `_rnaseq` (signed log1p,
+  then z-scored per gene on the training patients by the trainer), `_cnv` / 2, `_mut` 0/1;
+  clinical age, sex (1 = female) and, for BLCA, SurvPath's stage. Event = 1 - censorship.
+
+Signatures (computed per cohort, from the same expression; higher = more immune / more
+likely to respond):
+- `CD274`: PD-L1 expression (log2 TPM).
+- `IFNG6`: Ayers et al. 2017 J Clin Invest IFN-gamma 6-gene score (IDO1, CXCL10, CXCL9,
+  HLA-DRA, STAT1, IFNG): mean of the per-cohort standardised expression.
+- `CYT`: cytolytic activity of Rooney et al. 2015 Cell, geometric mean of GZMA and PRF1 TPM
+  (= the mean of their log2 values).
+A signature whose genes are partly absent (TCGA keeps only high-variance genes) uses those
+present and lists them in `signature_genes`; absent entirely, it is left out.
+
+An optional label file (CSV `patient_id,label`) replaces the cohort's labels; every patient
+in it must have features (FinetuneError naming the unmatched ids otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pandas as pd
+
+from cfm.finetune.common import FinetuneError
+
+ICB_COHORTS = ("Hugo", "Riaz", "Van_Allen", "Mariathasan", "Miao", "Padron")
+TCGA_TYPES = ("blca", "luad", "kirc")
+IFNG6 = ("IDO1", "CXCL10", "CXCL9", "HLA-DRA", "STAT1", "IFNG")
+CYT = ("GZMA", "PRF1")
+RECIST = {"CR": 0.0, "PR": 1.0, "SD": 2.0, "PD": 3.0}
+STAGES = {"0": 0.0, "I": 1.0, "II": 2.0, "III": 3.0, "IV": 4.0}
+
+
+@dataclasses.dataclass
+class TabularData:
+    patient_ids: np.ndarray            # [n] str
+    cohort: np.ndarray                 # [n] str
+    omics: np.ndarray                  # [n, G] float32
+    feature_names: list[str]
+    feature_kinds: np.ndarray          # [G] str: rnaseq / cnv / mut / expr
+    clinical: np.ndarray               # [n, C] float32, NaN = missing
+    clinical_names: list[str]
+    label: np.ndarray                  # [n] float (NaN = none)
+    time: np.ndarray                   # [n] float months (NaN = none)
+    event: np.ndarray                  # [n] float 1 = observed
+    signatures: dict                   # name -> [n] float
+    signature_genes: dict              # name -> genes used
+
+    def subset(self, rows: np.ndarray) -> "TabularData":
+        rows = np.asarray(rows)
+        return dataclasses.replace(
+            self, patient_ids=self.patient_ids[rows], cohort=self.cohort[rows],
+            omics=self.omics[rows], clinical=self.clinical[rows], label=self.label[rows],
+            time=self.time[rows], event=self.event[rows],
+            signatures={k: v[rows] for k, v in self.signatures.items()})
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+
+def _read(path: str) -> pd.DataFrame:
+    if not os.path.exists(path):
+        raise FinetuneError(f"data file {path} does not exist (config.data.path wrong?)")
+    return pd.read_csv(path)
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    sd = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+
+
+def _signatures(expr: pd.DataFrame, z: pd.DataFrame) -> tuple[dict, dict]:
+    """expr/z: patients x genes (raw log scale / standardised)."""
+    sig, genes = {}, {}
+    if "CD274" in expr:
+        sig["CD274"], genes["CD274"] = expr["CD274"].to_numpy(float), ["CD274"]
+    g = [x for x in IFNG6 if x in z]
+    if g:
+        sig["IFNG6"], genes["IFNG6"] = z[g].mean(axis=1).to_numpy(float), g
+    g = [x for x in CYT if x in expr]
+    if g:
+        sig["CYT"], genes["CYT"] = expr[g].mean(axis=1).to_numpy(float), g
+    return sig, genes
+
+
+def _stage(s: pd.Series) -> np.ndarray:
+    return s.map(lambda v: STAGES.get(str(v).strip().upper().rstrip("ABC"), np.nan)
+                 if pd.notna(v) else np.nan).to_numpy(float)
+
+
+def _drop_empty_clinical(clin: pd.DataFrame) -> pd.DataFrame:
+    return clin.loc[:, clin.notna().any(axis=0)]
+
+
+def load_icb(data_dir: str, cohorts: list[str], clinical: list[str],
+             label: str = "response") -> TabularData:
+    """ICB cohorts -> TabularData; label `response` (R 1 / NR 0 / NaN) or `recist` (best
+    RECIST response CR 0 / PR 1 / SD 2 / PD 3 / NaN); OS as survival."""
+    if label not in ("response", "recist"):
+        raise FinetuneError(f"config.data.label={label!r}: use response or recist")
+    for c in cohorts:
+        if c not in ICB_COHORTS:
+            raise FinetuneError(f"config.data.cohorts: unknown ICB cohort {c!r}; choose from "
+                                f"{list(ICB_COHORTS)}")
+    exprs, clins = [], []
+    for c in cohorts:
+        e = _read(os.path.join(data_dir, "icb", f"{c}_expression.csv.gz")).set_index("gene")
+        k = _read(os.path.join(data_dir, "icb", f"{c}_clinical.csv.gz"))
+        if list(e.columns) != k["patientid"].astype(str).tolist():
+            raise FinetuneError(f"ICB cohort {c}: expression columns and clinical patientid "
+                                "differ")
+        exprs.append(e.T)
+        clins.append(k.assign(_cohort=c))
+    genes = sorted(set.intersection(*[set(e.columns) for e in exprs]))
+    zs = [pd.DataFrame(_zscore(e[genes].to_numpy(float)), index=e.index, columns=genes)
+          for e in exprs]
+    sigs = [_signatures(e, z) for e, z in zip(exprs, zs)]
+    names = set.intersection(*[set(s[0]) for s in sigs])
+    k = pd.concat(clins, ignore_index=True)
+    table = pd.DataFrame(index=k.index)
+    table["age"] = pd.to_numeric(k["age"], errors="coerce")
+    table["sex_male"] = k["sex"].map({"M": 1.0, "F": 0.0})
+    table["stage"] = _stage(k["stage"])
+    table["log_tmb"] = np.log1p(pd.to_numeric(k["TMB_perMb"], errors="coerce"))
+    unknown = [c for c in clinical if c not in table]
+    if unknown:
+        raise FinetuneError(f"config.data.clinical: unknown ICB variable(s) {unknown}; choose "
+                            f"from {list(table.columns)}")
+    table = _drop_empty_clinical(table[list(clinical)])
+    return TabularData(
+        patient_ids=k["patientid"].astype(str).to_numpy(),
+        cohort=k["_cohort"].to_numpy(),
+        omics=np.concatenate([z.to_numpy(np.float32) for z in zs]),
+        feature_names=genes, feature_kinds=np.array(["expr"] * len(genes)),
+        clinical=table.to_numpy(np.float32), clinical_names=list(table.columns),
+        label=(k["response"].map({"R": 1.0, "NR": 0.0}) if label == "response" else
+               k["recist"].map(RECIST)).to_numpy(float),
+        time=pd.to_numeric(k["survival_time_os"], errors="coerce").to_numpy(float),
+        event=pd.to_numeric(k["event_occurred_os"], errors="coerce").to_numpy(float),
+        signatures={n: np.concatenate([s[0][n] for s in sigs]) for n in sorted(names)},
+        signature_genes={n: sigs[0][1][n] for n in sorted(names)})
+
+
+def load_tcga(data_dir: str, cancer: str, kinds: list[str], clinical: list[str]) -> TabularData:
+    """One TCGA type -> TabularData (survival; label = event)."""
+    cancer = cancer.lower()
+    if cancer not in TCGA_TYPES:
+        raise FinetuneError(f"config.data.cancer={cancer!r}: choose one of {list(TCGA_TYPES)}")
+    bad = [k for k in kinds if k not in ("rnaseq", "cnv", "mut")]
+    if bad:
+        raise FinetuneError(f"config.data.omics_kinds: unknown {bad}; use rnaseq, cnv, mut")
+    df = _read(os.path.join(data_dir, "tcga", f"tcga_{cancer}_multiomics.csv.gz"))
+    blocks, names, fkinds = [], [], []
+    for kind in kinds:
+        cols = [c for c in df.columns if c.endswith(f"_{kind}")]
+        x = df[cols].to_numpy(np.float64)
+        if kind == "rnaseq":
+            x = np.sign(x) * np.log1p(np.abs(x))
+        elif kind == "cnv":
+            x = x / 2.0
+        keep = x.std(axis=0) > 0
+        blocks.append(x[:, keep])
+        names += [c for c, k in zip(cols, keep) if k]
+        fkinds += [kind] * int(keep.sum())
+    table = pd.DataFrame(index=df.index)
+    table["age"] = pd.to_numeric(df["age"], errors="coerce")
+    table["sex_female"] = pd.to_numeric(df["is_female"], errors="coerce")
+    if cancer == "blca":
+        st = _read(os.path.join(data_dir, "tcga", "survpath_tcga_blca_clinical.csv.gz"))
+        st = st.drop_duplicates("case_id").set_index("case_id")["stage"]
+        table["stage"] = _stage(df["case_id"].map(st))
+    else:
+        table["stage"] = np.nan
+    unknown = [c for c in clinical if c not in table]
+    if unknown:
+        raise FinetuneError(f"config.data.clinical: unknown TCGA variable(s) {unknown}; choose "
+                            f"from {list(table.columns)}")
+    table = _drop_empty_clinical(table[list(clinical)])
+    expr = pd.DataFrame({c[:-7]: df[c].to_numpy(float) for c in df.columns
+                         if c.endswith("_rnaseq")})
+    expr = np.sign(expr) * np.log1p(expr.abs())
+    sig, sig_genes = _signatures(expr, pd.DataFrame(_zscore(expr.to_numpy()),
+                                                    columns=expr.columns))
+    return TabularData(
+        patient_ids=df["case_id"].astype(str).to_numpy(),
+        cohort=np.array([cancer.upper()] * len(df)),
+        omics=(np.concatenate(blocks, axis=1).astype(np.float32) if blocks
+               else np.zeros((len(df), 0), np.float32)),
+        feature_names=names, feature_kinds=np.array(fkinds),
+        clinical=table.to_numpy(np.float32), clinical_names=list(table.columns),
+        label=1.0 - df["censorship"].to_numpy(float),
+        time=df["survival_months"].to_numpy(float),
+        event=1.0 - df["censorship"].to_numpy(float),
+        signatures=sig, signature_genes=sig_genes)
+
+
+def apply_label_file(data: TabularData, path: str) -> TabularData:
+    """Replace labels by those of a CSV `patient_id,label`; keep only its patients."""
+    lab = _read(path)
+    if list(lab.columns[:2]) != ["patient_id", "label"]:
+        raise FinetuneError(f"label file {path}: needs columns patient_id,label, has "
+                            f"{list(lab.columns)}")
+    ids = lab["patient_id"].astype(str).to_numpy()
+    index = {p: i for i, p in enumerate(data.patient_ids)}
+    missing = [p for p in ids if p not in index]
+    if missing:
+        raise FinetuneError(f"label file {path}: {len(missing)} of {len(ids)} patients have no "
+                            f"features in the chosen data (e.g. {missing[:5]}); patient ids "
+                            "must match the feature table's")
+    if len(set(ids)) != len(ids):
+        raise FinetuneError(f"label file {path}: duplicate patient ids")
+    out = data.subset(np.array([index[p] for p in ids]))
+    out.label = pd.to_numeric(lab["label"], errors="coerce").to_numpy(float)
+    return out
