@@ -60,7 +60,7 @@ def _samples(folder: str, splits) -> tuple[list[dict], list[dict]]:
     return metas, arrays
 
 
-def _predict(models, params, samples, masks, batch: int = 16, bucket: int = 128):
+def _predict(models, params, samples, masks, batch: int = 8, bucket: int = 128):
     """Per sample: (expression prediction, mutation class, CNV class) for every token."""
     import jax
 

@@ -166,7 +166,8 @@ def read_checkpoint_params(workdir: str, step: int | None = None
     """(training config, student params, teacher params, step) of a cfm.train checkpoint, as
     numpy trees in the per-block layout (heads included; teacher {} for runs without one). Like
     `pretrained.read_checkpoint`: an orbax partial restore of `params` and `teacher` only (the
-    optimiser state stays on disk), the target tree taken from the checkpoint's own metadata, any mesh, on the host."""
+    optimiser state stays on disk), the target tree taken from the checkpoint's own metadata,
+    any mesh, on the host."""
     import orbax.checkpoint as ocp
 
     config, arch, step_dir, step = pretrained.read_checkpoint_config(workdir, step)

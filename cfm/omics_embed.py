@@ -33,6 +33,10 @@ def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]]
     apply = jax.jit(lambda p, b, m: module.apply(
         {"params": p}, b["gene_ids"], b["modality"], b["values"], b["classes"],
         value_mask=m)["cls"])
+    longest = -(-max(len(s["gene_ids"]) for s in samples) // bucket) * bucket
+    # Attention holds batch x heads x L^2 floats: cap the batch for long samples (TCGA's ~3000
+    # tokens at batch 32 needed ~5 GB of host memory).
+    batch = max(1, min(batch, 2 ** 26 // longest ** 2))
     out = []
     for lo in range(0, len(samples), batch):
         chunk = samples[lo:lo + batch]
