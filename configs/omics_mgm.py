@@ -8,8 +8,9 @@ Presets (the `:<arg>` after the file name):
             the tests use it (about a second per step on 2 CPU cores).
   demo      a 4-layer, 128-wide model on synthetic omics, no files needed:
               python -m cfm.train --config configs/omics_mgm.py:demo --workdir /tmp/cfm_omics_demo
-            The masked-expression MSE falls from ~1.3 to ~0.45 in 300 steps (the noise floor of
-            the generator is 0.2), mutation/CNV accuracy rises above the majority class.
+            About 2 minutes on 2 CPU cores: the total loss falls from ~3.3 to ~2.5 in 300 steps
+            (CNV accuracy 0.2 -> ~0.5, masked-expression MSE 1.0 -> ~0.8 against the generator's
+            noise floor of ~0.3; single-batch values, noisy).
   tcga      the three TCGA multi-omics tables of ../shared/data/tcga, prepared first:
               S=../shared/data/tcga
               python -m data_prep.prepare_omics --input $S/tcga_blca_multiomics.csv.gz \
@@ -18,8 +19,11 @@ Presets (the `:<arg>` after the file name):
               python -m cfm.train --config configs/omics_mgm.py:tcga --workdir /tmp/cfm_tcga \
                   --config.data.path=/tmp/tcga_omics
               python -m benchmarks.omics_eval --workdir /tmp/cfm_tcga --data /tmp/tcga_omics
-            omics_small (6 x 256), 1024 tokens per sample, batch 64, 2000 steps; held-out figures
-            (Pearson of masked expression, mutation/CNV accuracy vs baselines) are in README.md.
+            omics_tiny (4 x 64), 256 tokens per sample, batch 32, 1500 steps (~25 min on 2 CPU
+            cores). Held out (222 patients): masked-expression Pearson 0.21 (kNN 0.54, mean 0),
+            CNV accuracy 0.97 (kNN 0.83, mode 0.56); the CLS embedding probes cancer type at
+            balanced accuracy 0.88 and survival at c-index 0.69 (PCA of raw features: 0.86,
+            0.63). README.md has the table.
   base      omics_base (12 x 512, heads 8), 2048 tokens per sample: the benchmark size of issue 6
             (benchmarks/omics_step.py); set data.path to a prepared folder.
 
