@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from cfm.data.omics_records import MODALITIES
+from cfm.omics_embed import read_samples
 
 EXPR, MUT, CNV = range(3)
 
@@ -45,26 +46,11 @@ def _load(workdir: str):
     return config, train.build_models(config), params, step
 
 
-def _samples(folder: str, splits) -> tuple[list[dict], list[dict]]:
-    from cfm.data.omics_source import OmicsShardSource, read_manifest
-
-    manifest = read_manifest(folder)
-    metas, arrays = [], []
-    for split in splits:
-        if manifest["splits"].get(split, {}).get("samples"):
-            src = OmicsShardSource(folder, split)
-            for i in range(len(src)):
-                m, a = src[i]
-                metas.append(m)
-                arrays.append(a)
-    return metas, arrays
-
-
-def _predict(models, params, samples, masks, batch: int = 8, bucket: int = 128):
+def _predict(models, params, samples, masks, batch: int = 8):
     """Per sample: (expression prediction, mutation class, CNV class) for every token."""
     import jax
 
-    from cfm.data.omics_pipeline import pad_sample
+    from cfm.omics_embed import padded_batches
     from cfm.ssl import mgm
 
     @jax.jit
@@ -73,19 +59,13 @@ def _predict(models, params, samples, masks, batch: int = 8, bucket: int = 128):
         return (mgm.expression_prediction(pred), pred["mutation"].argmax(-1),
                 pred["cnv"].argmax(-1))
 
-    out = []
-    for lo in range(0, len(samples), batch):
-        chunk, mchunk = samples[lo:lo + batch], masks[lo:lo + batch]
-        length = -(-max(len(s["gene_ids"]) for s in chunk) // bucket) * bucket
-        padded = [pad_sample(s, length, None) for s in chunk]
-        padded += [padded[-1]] * (batch - len(chunk))
-        b = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
-        m = np.zeros(b["gene_ids"].shape, bool)
-        for j, mk in enumerate(mchunk):
-            m[j, :len(mk)] = mk
+    out, lo = [], 0
+    for n, b, m in padded_batches(samples, batch, value_mask=masks):
         e, mu, c = (np.asarray(x) for x in run(params, b, m))
-        out += [(e[j, :len(s["gene_ids"])], mu[j, :len(s["gene_ids"])],
-                 c[j, :len(s["gene_ids"])]) for j, s in enumerate(chunk)]
+        for j, s in enumerate(samples[lo:lo + n]):
+            t = len(s["gene_ids"])
+            out.append((e[j, :t], mu[j, :t], c[j, :t]))
+        lo += n
     return out
 
 
@@ -115,8 +95,8 @@ def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float 
 
     t0 = time.perf_counter()
     config, models, params, step = _load(workdir)
-    _, train_s = _samples(data, ("train",))
-    held_meta, held = _samples(data, splits)
+    train_meta, train_s = read_samples(data, ("train",))
+    held_meta, held = read_samples(data, splits)
     if not held:
         raise ValueError(f"{data}: no samples in splits {list(splits)}")
     keys = sorted({(int(g), int(m)) for s in train_s + held
@@ -175,13 +155,14 @@ def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float 
             "expression_mse": float(np.mean(sq[m])) if sq[m] else float("nan"),
             "mutation_accuracy": float(np.mean(correct[m][MUT])) if correct[m][MUT] else None,
             "cnv_accuracy": float(np.mean(correct[m][CNV])) if correct[m][CNV] else None}
-    result["probes"] = _probes(models, params, data, train_s, held, held_meta, x_train,
+    result["probes"] = _probes(models, params, data, train_meta, train_s, held, held_meta, x_train,
                                x_held_full=_matrix(held, columns), label=label)
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
-def _probes(models, params, data, train_s, held, held_meta, x_train, x_held_full, label):
+def _probes(models, params, data, train_meta, train_s, held, held_meta, x_train, x_held_full,
+            label):
     """Logistic regression / Cox on CLS embeddings vs on PCA of the raw features."""
     import pandas as pd
     from sklearn.decomposition import PCA
@@ -195,7 +176,7 @@ def _probes(models, params, data, train_s, held, held_meta, x_train, x_held_full
     if not os.path.isfile(clinical_path):
         return {"note": "no clinical.csv"}
     clin = pd.read_csv(clinical_path).set_index("sample_id")
-    train_ids = [m["sample_id"] for m in _samples(data, ("train",))[0]]
+    train_ids = [m["sample_id"] for m in train_meta]
     held_ids = [m["sample_id"] for m in held_meta]
     emb_tr = sample_embeddings(models.backbone, params["backbone"], train_s)
     emb_te = sample_embeddings(models.backbone, params["backbone"], held)

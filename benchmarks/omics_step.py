@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 
-from benchmarks.train_step import matmul_rate, time_steps
+from benchmarks.train_step import compile_with_flops, matmul_rate, time_steps
 from cfm import config_check, flops, train
 from cfm.data import omics_pipeline
 from cfm.parallel import mesh as mesh_lib
@@ -52,12 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     step = train.jit_train_step(c, models, tx, 0, mesh, shardings,
                                 {k: v.ndim for k, v in local.items()})
     batch = train.global_batch(local, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla = float(cost["flops"])
+    compiled, compile_s, xla = compile_with_flops(step, state, batch)
     model = flops.omics_step_flops(c, args.tokens)
     state, out, step_s = time_steps(compiled, state, batch, args.steps)
     peak = matmul_rate()

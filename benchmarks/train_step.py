@@ -70,6 +70,16 @@ def matmul_rate(n: int = 2048, reps: int = 8) -> float:
     return 2.0 * n ** 3 * reps / best
 
 
+def compile_with_flops(step, state, batch):
+    """(compiled step, compile seconds, XLA cost-analysis FLOPs of one call)."""
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled, compile_s, float(cost["flops"])
+
+
 def time_steps(compiled, state, batch, steps: int):
     """(state, last metrics, median seconds per step) over `steps` calls after one warm-up."""
     state, out = compiled(state, batch)
@@ -145,12 +155,7 @@ def main() -> None:
     step = train.jit_train_step(c, models, tx, buffer, mesh, shardings,
                                 {k: v.ndim for k, v in local.items()})
     batch = train.global_batch(local, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost["flops"])
+    compiled, compile_s, xla_flops = compile_with_flops(step, state, batch)
     model = flops.dino_step_flops(c, buffer)
 
     state, out, step_s = time_steps(compiled, state, batch, args.steps)

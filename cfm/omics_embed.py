@@ -24,32 +24,55 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]],
-                      batch: int = 32, bucket: int = 128, value_mask=None) -> np.ndarray:
-    """float32 [len(samples), D] CLS embeddings of token arrays (omics_records.decode_sample's
-    dict); `value_mask`, if given, a list of bool arrays hiding those values (evaluation)."""
+def padded_batches(samples: list[dict[str, np.ndarray]], batch: int = 32, bucket: int = 128,
+                   value_mask: list[np.ndarray] | None = None):
+    """Yield (n real samples, batch dict [batch, L], value mask bool [batch, L]) over every
+    token of `samples` (omics_records.decode_sample's dicts), L a multiple of `bucket` and the
+    batch always full (repeated last sample), so that a handful of shapes compile."""
     from cfm.data.omics_pipeline import pad_sample
 
-    apply = jax.jit(lambda p, b, m: module.apply(
-        {"params": p}, b["gene_ids"], b["modality"], b["values"], b["classes"],
-        value_mask=m)["cls"])
     longest = -(-max(len(s["gene_ids"]) for s in samples) // bucket) * bucket
     # Attention holds batch x heads x L^2 floats: cap the batch for long samples (TCGA's ~3000
     # tokens at batch 32 needed ~5 GB of host memory).
     batch = max(1, min(batch, 2 ** 26 // longest ** 2))
-    out = []
     for lo in range(0, len(samples), batch):
         chunk = samples[lo:lo + batch]
-        n_tok = max(len(s["gene_ids"]) for s in chunk)
-        length = -(-n_tok // bucket) * bucket
+        length = -(-max(len(s["gene_ids"]) for s in chunk) // bucket) * bucket
         padded = [pad_sample(s, length, None) for s in chunk]
-        padded += [padded[-1]] * (batch - len(chunk))  # one batch size: fewer compiles
+        padded += [padded[-1]] * (batch - len(chunk))
         b = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
         m = np.zeros(b["gene_ids"].shape, bool)
-        if value_mask is not None:
-            for j, vm in enumerate(value_mask[lo:lo + batch]):
-                m[j, :len(vm)] = vm
-        out.append(np.asarray(apply(params, b, m))[:len(chunk)])
+        for j, vm in enumerate(value_mask[lo:lo + batch] if value_mask is not None else []):
+            m[j, :len(vm)] = vm
+        yield len(chunk), b, m
+
+
+def read_samples(folder: str, splits: tuple[str, ...] = SPLITS
+                 ) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+    """(metadata, token arrays) of every sample of `splits` in a prepared omics folder."""
+    from cfm.data.omics_source import OmicsShardSource, read_manifest
+
+    manifest = read_manifest(folder)
+    metas, samples = [], []
+    for split in splits:
+        if manifest["splits"].get(split, {}).get("samples"):
+            src = OmicsShardSource(folder, split)
+            for i in range(len(src)):
+                meta, arrays = src[i]
+                metas.append(meta)
+                samples.append(arrays)
+    return metas, samples
+
+
+def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]],
+                      batch: int = 32, bucket: int = 128, value_mask=None) -> np.ndarray:
+    """float32 [len(samples), D] CLS embeddings of token arrays (omics_records.decode_sample's
+    dict); `value_mask`, if given, a list of bool arrays hiding those values (evaluation)."""
+    apply = jax.jit(lambda p, b, m: module.apply(
+        {"params": p}, b["gene_ids"], b["modality"], b["values"], b["classes"],
+        value_mask=m)["cls"])
+    out = [np.asarray(apply(params, b, m))[:n]
+           for n, b, m in padded_batches(samples, batch, bucket, value_mask)]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -57,7 +80,7 @@ def embed_omics(model: str, folder: str, out: str, step: int | None = None, batc
                 splits: tuple[str, ...] = SPLITS) -> int:
     """Write the CLS embeddings of every sample of `splits` in a prepared folder to `out`."""
     from cfm import pretrained
-    from cfm.data.omics_source import OmicsShardSource, read_manifest
+    from cfm.data.omics_source import read_manifest
 
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
@@ -70,15 +93,7 @@ def embed_omics(model: str, folder: str, out: str, step: int | None = None, batc
         raise ValueError(f"--omics {folder}: vocabulary of {manifest['vocab_size']} ids, the "
                          f"model knows {p.info['architecture']['vocab_size']}; prepare it with "
                          f"--vocab <the model's vocab.tsv>")
-    metas, samples = [], []
-    for split in splits:
-        if not manifest["splits"].get(split, {}).get("samples"):
-            continue
-        src = OmicsShardSource(folder, split)
-        for i in range(len(src)):
-            meta, arrays = src[i]
-            metas.append(meta)
-            samples.append(arrays)
+    metas, samples = read_samples(folder, splits)
     if not samples:
         raise ValueError(f"--omics {folder}: no samples in splits {list(splits)}")
     start = time.perf_counter()
