@@ -7,7 +7,9 @@ against baselines, and linear probes of the sample embeddings.
 Held-out samples (patients the run never saw: the prepared folder's val and test splits) get
 `--mask-ratio` of their tokens hidden (seeded; the same tokens for every method). Predictions:
   * cfm: the pretrained network sees every visible token of the sample, `mask_value` in place of
-    the hidden values, and its MGM head predicts them;
+    the hidden values, and its MGM head predicts them (a model with `attend_tokens` gets one view
+    per window of the sample, `cfm.omics_embed.window_views`, and each hidden token is predicted
+    in the view whose window holds it);
   * mean/mode: per feature (gene x modality), the training split's mean (expression) or most
     frequent value (mutation, CNV);
   * kNN: scikit-learn's KNNImputer (nan-Euclidean distance over the visible features, k
@@ -50,7 +52,7 @@ def _predict(models, params, samples, masks, batch: int = 8):
     """Per sample: (expression prediction, mutation class, CNV class) for every token."""
     import jax
 
-    from cfm.omics_embed import padded_batches
+    from cfm.omics_embed import padded_batches, window_views
     from cfm.ssl import mgm
 
     @jax.jit
@@ -59,12 +61,18 @@ def _predict(models, params, samples, masks, batch: int = 8):
         return (mgm.expression_prediction(pred), pred["mutation"].argmax(-1),
                 pred["cnv"].argmax(-1))
 
-    out, lo = [], 0
-    for n, b, m in padded_batches(samples, batch, value_mask=masks):
-        e, mu, c = (np.asarray(x) for x in run(params, b, m))
-        for j, s in enumerate(samples[lo:lo + n]):
-            t = len(s["gene_ids"])
-            out.append((e[j, :t], mu[j, :t], c[j, :t]))
+    # A windowed model (attend_tokens) predicts each token from the view whose window holds it.
+    views, view_masks, owner, index = window_views(
+        samples, getattr(models.backbone, "attend_tokens", 0), value_mask=masks)
+    out = [(np.zeros(len(s["gene_ids"]), np.float32), np.zeros(len(s["gene_ids"]), np.int64),
+            np.zeros(len(s["gene_ids"]), np.int64)) for s in samples]
+    lo = 0
+    for n, b, m in padded_batches(views, batch, value_mask=view_masks):
+        preds = [np.asarray(x) for x in run(params, b, m)]
+        for j in range(n):
+            i, idx = owner[lo + j], index[lo + j]
+            for full, p in zip(out[i], preds):
+                full[idx] = p[j, :len(idx)]
         lo += n
     return out
 

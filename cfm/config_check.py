@@ -119,6 +119,14 @@ def validate_mgm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
            "must be in (0, 1)")
     for k in ["mgm.expression_weight", "mgm.mutation_weight", "mgm.cnv_weight"]:
         _check(g(k) >= 0, k, g(k), "must be >= 0")
+    attend = g("model.attend_tokens")
+    _check(isinstance(attend, int) and attend >= 0, "model.attend_tokens", attend,
+           "must be an integer >= 0 (0: every token enters the blocks)")
+    _check(not attend or g("mgm.sample_readout"), "model.attend_tokens", attend,
+           "needs mgm.sample_readout=True: tokens past the window are read from the CLS")
+    _check(not g("mgm.sample_readout") or g("mgm.expression_loss") == "regression",
+           "mgm.sample_readout", g("mgm.sample_readout"),
+           "needs mgm.expression_loss=regression (it adds to the regressed value)")
     _check(g("model.attention") in ("auto", "dot_product_attention", "heads_major"),
            "model.attention", g("model.attention"),
            "use auto, dot_product_attention or heads_major")

@@ -58,15 +58,19 @@ def dino_step_flops(config: ml_collections.ConfigDict, buffer_size: int) -> dict
 
 def omics_step_flops(config: ml_collections.ConfigDict, tokens: int) -> float:
     """Analytic FLOPs of one masked-gene-modelling step (forward + 2x backward) for
-    `config.batch_size` samples of `tokens` tokens each (plus CLS): blocks, the continuous
-    value encoder and the MGM head on every token (embedding lookups count 0)."""
+    `config.batch_size` samples of `tokens` tokens each (plus CLS; the blocks see at most
+    `model.attend_tokens` of them): blocks, the continuous value encoder and the MGM head on
+    every token (embedding lookups and the gene-value products count 0)."""
     from cfm.models import omics
 
     s = omics.spec(config.model.variant)
-    d, t = s.width, tokens + 1
+    attend = config.model.get("attend_tokens", 0)
+    d, t = s.width, (min(attend, tokens) if attend else tokens) + 1  # tokens in the blocks
     attn = 2.0 * t * d * 3 * d + 2.0 * 2 * t * t * d + 2.0 * t * d * d
     mlp = 2.0 * 2 * t * d * s.mlp_dim
     value = 2.0 * tokens * d * d if config.model.value_encoding == "continuous" else 0.0
     n_expr = 1 if config.mgm.expression_loss == "regression" else config.model.n_bins
     head = 2.0 * tokens * d * d + 2.0 * tokens * d * (n_expr + 2 + 5)
+    if config.mgm.get("sample_readout", False):  # W cls, then one dot product per token
+        head += 2.0 * d * d + 2.0 * tokens * d
     return 3.0 * config.batch_size * (s.depth * (attn + mlp) + value + head)

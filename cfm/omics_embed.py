@@ -64,16 +64,47 @@ def read_samples(folder: str, splits: tuple[str, ...] = SPLITS
     return metas, samples
 
 
+def window_views(samples: list[dict[str, np.ndarray]], window: int, seed: int = 0,
+                 value_mask: list[np.ndarray] | None = None):
+    """For a model that attends to its first `window` tokens only (`attend_tokens`): each
+    sample's tokens split at random into ceil(n / window) windows, and one view per window with
+    that window's tokens first and the rest after. Returns (views, their value masks or None,
+    owner sample index per view, the window's token indices per view); every token is in
+    exactly one window. window <= 0: each sample is its own single view."""
+    views, masks, owner, index = [], [], [], []
+    for i, s in enumerate(samples):
+        n = len(s["gene_ids"])
+        if window <= 0 or n <= window:
+            parts, orders = [np.arange(n)], [np.arange(n)]
+        else:
+            perm = np.random.default_rng([seed, i]).permutation(n)
+            parts = np.array_split(perm, -(-n // window))
+            orders = [np.concatenate([p, np.setdiff1d(perm, p, assume_unique=True)])
+                      for p in parts]
+        for p, order in zip(parts, orders):
+            views.append({k: v[order] for k, v in s.items()})
+            masks.append(value_mask[i][order] if value_mask is not None else None)
+            owner.append(i)
+            index.append(p)
+    return views, (masks if value_mask is not None else None), owner, index
+
+
 def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]],
                       batch: int = 32, bucket: int = 128, value_mask=None) -> np.ndarray:
     """float32 [len(samples), D] CLS embeddings of token arrays (omics_records.decode_sample's
-    dict); `value_mask`, if given, a list of bool arrays hiding those values (evaluation)."""
+    dict); `value_mask`, if given, a list of bool arrays hiding those values (evaluation).
+    A model with `attend_tokens` gets every window of a sample (`window_views`) and the
+    sample's embedding is the mean of their CLS outputs."""
     apply = jax.jit(lambda p, b, m: module.apply(
         {"params": p}, b["gene_ids"], b["modality"], b["values"], b["classes"],
         value_mask=m)["cls"])
-    out = [np.asarray(apply(params, b, m))[:n]
-           for n, b, m in padded_batches(samples, batch, bucket, value_mask)]
-    return np.concatenate(out).astype(np.float32)
+    views, masks, owner, _ = window_views(samples, getattr(module, "attend_tokens", 0),
+                                          value_mask=value_mask)
+    out = np.concatenate([np.asarray(apply(params, b, m))[:n]
+                          for n, b, m in padded_batches(views, batch, bucket, masks)])
+    sums = np.zeros((len(samples), out.shape[1]))
+    np.add.at(sums, np.asarray(owner), out)
+    return (sums / np.bincount(owner, minlength=len(samples))[:, None]).astype(np.float32)
 
 
 def embed_omics(model: str, folder: str, out: str, step: int | None = None, batch: int = 32,

@@ -48,6 +48,8 @@ def architecture(model_cfg: Any) -> dict:
             "family": "omics", "variant": m["variant"], "width": o.width, "depth": o.depth,
             "heads": o.heads, "mlp_hidden": o.mlp_dim, "vocab_size": int(m["vocab_size"]),
             "n_bins": int(m["n_bins"]), "value_encoding": m.get("value_encoding", "continuous"),
+            "gene_values": bool(m.get("gene_values", False)),
+            "attend_tokens": int(m.get("attend_tokens", 0)),
             "layerscale": float(m.get("layerscale_init", 0.0)),
             "tokens": "gene-id + value + modality embeddings per token, a learned CLS token; "
                       "gene ids index vocab.tsv (0 padding), modalities expression, mutation, "
@@ -81,6 +83,8 @@ def build_backbone(arch: dict, dtype: Any = None, **overrides: Any):
     if arch.get("family") == "omics":
         kw = dict(variant=arch["variant"], vocab_size=arch["vocab_size"], n_bins=arch["n_bins"],
                   value_encoding=arch["value_encoding"], layerscale_init=arch["layerscale"],
+                  gene_values=arch.get("gene_values", False),
+                  attend_tokens=arch.get("attend_tokens", 0),
                   drop_path_rate=0.0, dtype=jnp.dtype(dtype or jnp.float32), remat=False)
         kw.update(overrides)
         return omics.OmicsTransformer(**kw)

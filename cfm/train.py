@@ -72,8 +72,11 @@ def build_models(config: ml_collections.ConfigDict) -> Models | OmicsModels:
         backbone = omics.OmicsTransformer(
             variant=m.variant, vocab_size=m.vocab_size, n_bins=m.n_bins,
             value_encoding=m.value_encoding, layerscale_init=m.layerscale_init,
-            drop_path_rate=m.drop_path_rate, dtype=dtype, remat=m.remat, attention=m.attention)
-        return OmicsModels(backbone, omics.MGMHead(m.n_bins, config.mgm.expression_loss, dtype))
+            drop_path_rate=m.drop_path_rate, dtype=dtype, remat=m.remat, attention=m.attention,
+            gene_values=m.get("gene_values", False), attend_tokens=m.get("attend_tokens", 0))
+        head = omics.MGMHead(m.n_bins, config.mgm.expression_loss, dtype, m.vocab_size,
+                             config.mgm.get("sample_readout", False))
+        return OmicsModels(backbone, head)
     backbone = vit.ViT(variant=m.variant, img_size=m.img_size, num_registers=m.num_registers,
                        layerscale_init=m.layerscale_init, drop_path_rate=m.drop_path_rate,
                        ffn=m.ffn, qkv_bias=m.qkv_bias, dtype=dtype, remat=m.remat,
@@ -93,7 +96,8 @@ def _init_params(config, models: Models, rng: jax.Array) -> dict:
                                         value_mask=t.astype(bool))["params"]
         width = omics.spec(config.model.variant).width
         return {"backbone": backbone,
-                "mgm_head": models.mgm_head.init(r2, jnp.zeros((1, width)))["params"]}
+                "mgm_head": models.mgm_head.init(r2, jnp.zeros((1, 4, width)),
+                                                 jnp.zeros((1, width)), t)["params"]}
     s = vit.spec(config.model.variant)
     g = config.crops.global_size
     n = (g // s.patch) ** 2

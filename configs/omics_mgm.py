@@ -54,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat = False
     c.model.attention = "auto"
+    # Adds value x a learned per-gene vector to each token and the mean of those over the
+    # visible tokens to the CLS input (cfm/models/omics.py), so the CLS starts as a linear
+    # sketch of the sample.
+    c.model.gene_values = False
+    # > 0: only that many tokens (a random subset each step) enter the blocks; the rest reach
+    # the head through the sketch and the CLS read-out (cfm/models/omics.py).
+    c.model.attend_tokens = 0
 
     c.mgm = ml_collections.ConfigDict()
     # BERT masks 15%; scGPT and BulkRNABert mask larger fractions of expression tokens (scGPT
@@ -63,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mgm.expression_weight = 1.0
     c.mgm.mutation_weight = 1.0
     c.mgm.cnv_weight = 1.0
+    # scGPT's MVC: expression also read from the CLS through a per-gene query (MGMHead).
+    c.mgm.sample_readout = False
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # "synthetic" or "prepared" (data_prep.prepare_omics folder)
@@ -119,9 +128,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     elif arg == "tcga":
         c.model.variant = "omics_tiny"
         c.data.source = "prepared"
-        c.data.max_tokens = 256
+        c.data.max_tokens = 3072  # every token of a TCGA sample (at most 2936)
+        c.model.attend_tokens = 256
+        c.model.gene_values = True
+        c.mgm.sample_readout = True
         c.batch_size = 32
-        c.epochs = 15
+        c.epochs = 6
         c.optim.base_lr = 3e-3
         c.log_every = 50
         c.checkpoint_every = 200

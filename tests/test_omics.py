@@ -40,10 +40,11 @@ def _batch(n_tokens=12, b=3, seed=0):
             "classes": jnp.asarray(rng.integers(0, 2, (b, n_tokens)), jnp.int32)}
 
 
-@pytest.mark.parametrize("encoding", ["continuous", "binned"])
-def test_padding_and_token_order_do_not_change_the_sample_embedding(encoding):
+@pytest.mark.parametrize("encoding, gene_values", [("continuous", False), ("binned", False),
+                                                   ("continuous", True)])
+def test_padding_and_token_order_do_not_change_the_sample_embedding(encoding, gene_values):
     model = omics.OmicsTransformer("omics_test", vocab_size=20, n_bins=5,
-                                   value_encoding=encoding)
+                                   value_encoding=encoding, gene_values=gene_values)
     b = _batch()
     keys = ("gene_ids", "modality", "values", "classes")
     params = model.init(jax.random.key(0), *(b[k] for k in keys),
@@ -79,6 +80,10 @@ def test_pad_sample_subsets_and_pads():
     assert list(out["gene_ids"][10:]) == [0] * 6 and out["values"].dtype == np.float32
     with pytest.raises(ValueError, match="max_tokens"):
         omics_pipeline.pad_sample(arrays, 4, None)
+    out = omics_pipeline.pad_sample(arrays, 16, np.random.default_rng(0), shuffle=True)
+    assert sorted(out["gene_ids"][:10]) == list(range(2, 12))  # all kept, in random order
+    assert list(out["gene_ids"][:10]) != list(range(2, 12))
+    np.testing.assert_array_equal(out["values"][:10], out["gene_ids"][:10] - 2)
 
 
 def test_batches_are_a_function_of_step_and_hosts_split_them():
@@ -111,9 +116,12 @@ def _run_steps(c, devices, n_steps=2):
 
 
 def test_sharded_meshes_match_one_device():
-    s1, o1 = _run_steps(_cfg(), jax.devices()[:1])
+    extras = {"model.gene_values": True, "mgm.sample_readout": True,  # as the tcga preset
+              "model.attend_tokens": 32}
+    s1, o1 = _run_steps(_cfg(**extras), jax.devices()[:1])
     for shape in ((2, 2, 2),):
-        c = _cfg(**{"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]})
+        c = _cfg(**extras, **{"mesh.data": shape[0], "mesh.fsdp": shape[1],
+                              "mesh.tensor": shape[2]})
         s2, o2 = _run_steps(c, jax.devices()[:8])
         for a, b in zip(o1, o2):
             for k in ("loss", "expression", "mutation", "cnv", "grad_norm", "masked_tokens"):
@@ -177,12 +185,61 @@ def test_export_load_pretrained_and_embed(run, tmp_path):
     ("model.vocab_size", 7, "the data has 66"),
     ("data.source", "prepared", "data.path"),
     ("mgm.expression_loss", "l1", "mgm.expression_loss"),
+    ("model.attend_tokens", -1, "model.attend_tokens"),
+    ("model.attend_tokens", 8, "needs mgm.sample_readout"),
 ])
 def test_bad_configs_name_the_key(key, value, message):
     with pytest.raises(config_check.ConfigError, match=message):
         _cfg(**{key: value})
 
 
+def test_sample_readout_reads_expression_from_the_cls():
+    head = omics.MGMHead(n_bins=5, vocab_size=20, sample_readout=True)
+    x, genes = jnp.ones((2, 6, 32)), jnp.arange(2, 14, dtype=jnp.int32).reshape(2, 6)
+    cls = jax.random.normal(jax.random.key(0), (2, 32))
+    params = head.init(jax.random.key(1), x, cls, genes)["params"]
+    a = head.apply({"params": params}, x, cls, genes)
+    b = head.apply({"params": params}, x, cls * 2.0, genes)
+    assert not np.allclose(a["expression"], b["expression"])  # the CLS term
+    for k in ("mutation", "cnv"):  # per-token outputs only
+        np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(config_check.ConfigError, match="mgm.sample_readout"):
+        _cfg(**{"mgm.sample_readout": True, "mgm.expression_loss": "classification"})
+
+
 def test_prepared_folder_without_manifest_is_named(tmp_path):
     with pytest.raises(config_check.ConfigError, match="manifest.json"):
         _cfg(**{"data.source": "prepared", "data.path": str(tmp_path)})
+
+
+def test_attend_tokens_window_and_views():
+    """A windowed model: tokens past the window do not change the CLS through attention, only
+    through the sketch; window_views cover every token exactly once."""
+    from cfm.omics_embed import sample_embeddings, window_views
+
+    keys = ("gene_ids", "modality", "values", "classes")
+    b = _batch(n_tokens=12)
+    full = omics.OmicsTransformer("omics_test", vocab_size=20, n_bins=5, gene_values=True)
+    win = omics.OmicsTransformer("omics_test", vocab_size=20, n_bins=5, gene_values=True,
+                                 attend_tokens=5)
+    params = full.init(jax.random.key(0), *(b[k] for k in keys),
+                       value_mask=jnp.zeros(b["gene_ids"].shape, bool))["params"]
+    out_w = win.apply({"params": params}, *(b[k] for k in keys))
+    assert out_w["tokens"].shape == (3, 12, 32)
+    moved = dict(b, modality=b["modality"].at[:, 8].set((b["modality"][:, 8] + 1) % 3))
+    same = win.apply({"params": params}, *(moved[k] for k in keys))  # past the window
+    np.testing.assert_allclose(same["cls"], out_w["cls"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(same["tokens"][:, :8], out_w["tokens"][:, :8], atol=1e-6)
+    assert not np.allclose(full.apply({"params": params}, *(moved[k] for k in keys))["cls"],
+                           full.apply({"params": params}, *(b[k] for k in keys))["cls"])
+    samples = [{k: np.asarray(b[k][i]) for k in keys} for i in range(3)]
+    samples[1] = {k: v[:4] for k, v in samples[1].items()}
+    views, masks, owner, index = window_views(samples, 5)
+    assert owner == [0, 0, 0, 1, 2, 2, 2] and masks is None
+    for i, s in enumerate(samples):
+        got = np.sort(np.concatenate([ix for o, ix in zip(owner, index) if o == i]))
+        np.testing.assert_array_equal(got, np.arange(len(s["gene_ids"])))
+    for v, ix, o in zip(views, index, owner):
+        np.testing.assert_array_equal(v["gene_ids"][:len(ix)], samples[o]["gene_ids"][ix])
+    emb = sample_embeddings(win, params, samples, batch=4, bucket=4)
+    assert emb.shape == (3, 32) and np.all(np.isfinite(emb))

@@ -109,13 +109,17 @@ def data_sizes(data: ml_collections.ConfigDict) -> tuple[int, int]:
     return int(manifest["vocab_size"]), int(manifest["n_bins"])
 
 
-def pad_sample(arrays: dict[str, np.ndarray], max_tokens: int, rng: np.random.Generator | None
-               ) -> dict[str, np.ndarray]:
+def pad_sample(arrays: dict[str, np.ndarray], max_tokens: int, rng: np.random.Generator | None,
+               shuffle: bool = False) -> dict[str, np.ndarray]:
     """One sample's tokens as fixed-length [max_tokens] arrays: a random subset (sorted, so the
-    order carries no information) when it has more, padding (gene id 0) when it has fewer."""
+    order carries no information) when it has more, padding (gene id 0) when it has fewer.
+    `shuffle` (with `rng`): every kept token in random order instead, so that a model attending
+    only to the first `model.attend_tokens` sees a random subset of them."""
     n = len(arrays["gene_ids"])
     keep = np.arange(n)
-    if n > max_tokens:
+    if shuffle:
+        keep = rng.permutation(n)[:max_tokens]
+    elif n > max_tokens:
         if rng is None:
             raise ValueError(f"sample has {n} tokens > data.max_tokens={max_tokens}")
         keep = np.sort(rng.choice(n, max_tokens, replace=False))
@@ -132,13 +136,13 @@ def pad_sample(arrays: dict[str, np.ndarray], max_tokens: int, rng: np.random.Ge
 
 
 class _Subset:
-    def __init__(self, max_tokens: int, seed: int):
-        self.max_tokens, self.seed = int(max_tokens), int(seed)
+    def __init__(self, max_tokens: int, seed: int, shuffle: bool):
+        self.max_tokens, self.seed, self.shuffle = int(max_tokens), int(seed), shuffle
 
     def __call__(self, g: int, record) -> dict[str, np.ndarray]:
         _, arrays = record
         return pad_sample(arrays, self.max_tokens,
-                          np.random.default_rng([self.seed, _SUBSET, int(g)]))
+                          np.random.default_rng([self.seed, _SUBSET, int(g)]), self.shuffle)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int = 0,
@@ -159,7 +163,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
     shuffle_seed = int(np.random.SeedSequence([seed, _SHUFFLE]).generate_state(1)[0])
     ds = grain.MapDataset.source(make_source(config.data, seed))
     ds = ds.shuffle(seed=shuffle_seed).repeat()
-    ds = ds.map_with_index(_Subset(config.data.max_tokens, seed))
+    shuffle = config.model.get("attend_tokens", 0) > 0
+    ds = ds.map_with_index(_Subset(config.data.max_tokens, seed, shuffle))
     ds = ds.batch(b, drop_remainder=True)
     ds = ds[process_index + start_step * process_count::process_count]
     prefetch = max(1, int(config.data.prefetch))

@@ -10,6 +10,17 @@ whose value is masked for pretraining keeps its gene and modality embeddings and
 Genes have no order, so there are no position embeddings. Samples carry different numbers of
 tokens; padding (gene id 0) is excluded from attention by a key mask.
 
+Two options make the encoder learn a sample's state fast and see all of it cheaply (both on in
+the `tcga` preset of configs/omics_mgm.py):
+  * `gene_values`: each token also gets value x a learned per-gene vector, and the CLS input gets
+    the mean of those over the sample's visible tokens: a learned linear sketch of the sample
+    (the gene-value coupling the additive embeddings only reach through a block's MLP).
+  * `attend_tokens`: only the first that many tokens (the pipeline shuffles tokens, so a random
+    subset) enter the blocks; the others are embedded, sketched and read out by the head
+    (`MGMHead.sample_readout`) but not attended. Attention costs O(window^2), so a sample's
+    3000 TCGA tokens train at a 256-token window's cost; at inference every token is predicted
+    from a view whose window holds it (`cfm.omics_embed.window_views`).
+
 The blocks are the ViT's (`cfm.models.vit.Block`: pre-norm attention + MLP, LayerScale,
 stochastic depth), so parameters carry the same logical axis names and shard the same way.
 """
@@ -79,6 +90,8 @@ class OmicsTransformer(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"
+    gene_values: bool = False
+    attend_tokens: int = 0  # 0: every token enters the blocks
 
     @nn.compact
     def __call__(self, gene_ids: jax.Array, modality: jax.Array, values: jax.Array,
@@ -115,12 +128,36 @@ class OmicsTransformer(nn.Module):
             mask_value = self.param("mask_value", _init(TRUNC, ("embed",)), (d,))
             v = jnp.where(value_mask[..., None], mask_value.astype(v.dtype), v)
         x = x + _norm(self.dtype, "value_norm")(v)
+        if self.gene_values:
+            # value x a learned per-gene direction: the sum over a sample's tokens is then a
+            # linear function of its visible values, which attention pooling can read directly
+            # (the additive embeddings alone cannot tie a value to its gene before a block's MLP).
+            gv = nn.Embed(self.vocab_size, d, dtype=self.dtype, name="gene_value_embed",
+                          embedding_init=_init(nn.initializers.normal(1.0),
+                                               ("vocab", "embed")))(gene_ids)
+            visible = gene_ids != PAD_ID
+            if value_mask is not None:
+                visible = visible & ~value_mask
+            sketch = jnp.where(visible, values, 0.0)[..., None].astype(x.dtype) * gv
+            x = x + sketch
         b = x.shape[0]
         cls = self.param("cls_token", _init(nn.initializers.normal(1e-6), (None, None, "embed")),
                          (1, 1, d))
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+        cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))
+        if self.gene_values:
+            n_visible = jnp.maximum(jnp.sum(visible, axis=1), 1)[:, None, None]
+            # Layer-normalised: a mean over thousands of tokens is small next to the residual
+            # stream, and the read-out should not depend on how many values are visible.
+            cls = cls + _norm(self.dtype, "sketch_norm")(
+                jnp.sum(sketch, axis=1, keepdims=True) / n_visible)
+        # Only the first `attend_tokens` tokens enter the blocks (the data pipeline puts a
+        # random subset first); the others reach the head un-attended, so the sketch above and
+        # the MGM head's CLS read-out see the whole sample at a window's attention cost.
+        w = x.shape[1] if not self.attend_tokens else min(self.attend_tokens, x.shape[1])
+        rest = x[:, w:]
+        x = jnp.concatenate([cls, x[:, :w]], axis=1)
         x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
-        keep = jnp.concatenate([jnp.ones((b, 1), bool), gene_ids != PAD_ID], axis=1)
+        keep = jnp.concatenate([jnp.ones((b, 1), bool), gene_ids[:, :w] != PAD_ID], axis=1)
 
         kw = dict(heads=s.heads, mlp_dim=s.mlp_dim, ffn="mlp", qkv_bias=True,
                   layerscale_init=self.layerscale_init, drop_path_rate=self.drop_path_rate,
@@ -128,20 +165,33 @@ class OmicsTransformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(s.depth):
             x = block(**kw, name=f"block_{i}")(x, train, keep)
-        x = _norm(self.dtype, "norm")(x)
-        return {"cls": x[:, 0], "tokens": x[:, 1:]}
+        norm = _norm(self.dtype, "norm")
+        x = norm(x)
+        tokens = jnp.concatenate([x[:, 1:], norm(rest)], axis=1) if rest.shape[1] else x[:, 1:]
+        return {"cls": x[:, 0], "tokens": tokens}
 
 
 class MGMHead(nn.Module):
     """Masked-gene-modelling outputs per token: expression (1 value, or n_bins logits when
-    `expression_loss="classification"`), mutation logits [2] and copy-number logits [5]."""
+    `expression_loss="classification"`), mutation logits [2] and copy-number logits [5].
+
+    With `sample_readout`, each regressed expression value also gets a term read from the
+    sample's CLS embedding: <W cls, q_gene>, q a learned vector per gene. This is scGPT's
+    "masked value prediction for cell embedding" (MVC/GEPC) objective, folded into the one
+    prediction: it makes the CLS a low-rank code of the sample, the structure that per-gene
+    linear imputation exploits in bulk expression (PCA of the TCGA tables reconstructs masked
+    values at r 0.6-0.7), and it asks the CLS to summarise every visible token.
+    """
 
     n_bins: int = 51
     expression_loss: str = "regression"
     dtype: Any = jnp.float32
+    vocab_size: int = 0
+    sample_readout: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, cls: jax.Array | None = None,
+                 gene_ids: jax.Array | None = None) -> dict[str, jax.Array]:
         dense = lambda f, name: nn.Dense(  # noqa: E731
             f, dtype=self.dtype, name=name, kernel_init=_init(TRUNC, ("embed", None)),
             bias_init=_init(nn.initializers.zeros, (None,)))
@@ -152,4 +202,16 @@ class MGMHead(nn.Module):
         out = {"expression": dense(n_expr, "expression")(h),
                "mutation": dense(N_CLASSES["mutation"], "mutation")(h),
                "cnv": dense(N_CLASSES["cnv"], "cnv")(h)}
+        if self.sample_readout:
+            if self.expression_loss != "regression" or cls is None or gene_ids is None:
+                raise ValueError("sample_readout needs expression_loss='regression', the CLS "
+                                 "embedding and the gene ids")
+            d = x.shape[-1]
+            q = nn.Embed(self.vocab_size, d, dtype=self.dtype, name="gene_query",
+                         embedding_init=_init(nn.initializers.normal(0.02), ("vocab", "embed"))
+                         )(gene_ids)
+            c = nn.Dense(d, dtype=self.dtype, name="sample_code",
+                         kernel_init=_init(TRUNC, ("embed", "mlp")),
+                         bias_init=_init(nn.initializers.zeros, ("mlp",)))(cls)
+            out["expression"] = out["expression"] + jnp.einsum("bd,bld->bl", c, q)[..., None]
         return {k: v.astype(jnp.float32) for k, v in out.items()}

@@ -45,7 +45,8 @@ def forward(backbone: nn.Module, head: nn.Module, params: dict, batch: dict,
     out = backbone.apply({"params": params["backbone"]}, *(batch[k] for k in INPUT_KEYS),
                          value_mask=value_mask, train=train,
                          rngs={"dropout": rng} if rng is not None else {})
-    return out, head.apply({"params": params["mgm_head"]}, out["tokens"])
+    return out, head.apply({"params": params["mgm_head"]}, out["tokens"], out["cls"],
+                           batch["gene_ids"])
 
 
 def expression_prediction(pred: dict) -> jax.Array:
