@@ -34,6 +34,8 @@ IG feature in `loco` is sex, a cohort-composition effect of the training cohorts
 
 import ml_collections
 
+from cfm.finetune import fusion_config
+
 
 def get_config(arg: str = "loco") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -52,48 +54,7 @@ def get_config(arg: str = "loco") -> ml_collections.ConfigDict:
     c.data.clinical = "age,sex_male,stage,log_tmb"
     c.data.labels = ""                   # optional CSV patient_id,label replacing the labels
 
-    c.omics = ml_collections.ConfigDict()
-    c.omics.encoder = ""                 # path of a pretrained omics encoder: not yet supported
-    c.omics.grouping = "modules"         # modules (k-means, training patients) | vector | gene_sets
-    c.omics.n_modules = 32
-    c.omics.gene_sets = ""               # GMT file for grouping = gene_sets
-    c.omics.max_features = 0             # keep the most variable N features (0 = all)
-
-    c.model = ml_collections.ConfigDict()
-    c.model.dim = 32
-    c.model.heads = 4
-    c.model.depth = 1
-    c.model.dropout = 0.1
-    c.model.feature_dropout = 0.2
-    c.model.modality_dropout = 0.1
-
-    c.train = ml_collections.ConfigDict()
-    c.train.lr = 1e-3
-    c.train.weight_decay = 0.05
-    c.train.max_epochs = 200
-    c.train.min_epochs = 30              # no early stopping before (full-batch steps)
-    c.train.patience = 20
-    c.train.val_fraction = 0.2
-    c.train.ensemble = 3
-
-    c.cv = ml_collections.ConfigDict()
-    c.cv.k = 5
-    c.cv.seed = 0
-    c.cv.within_cohort = False
-    c.cv.n_boot = 1000
-
-    c.baselines = ml_collections.ConfigDict()
-    c.baselines.names = "logreg,CD274,IFNG6,CYT"
-    c.baselines.C = 0.01                 # inverse L2 strength of the logistic regression
-    c.baselines.cox_pcs = 32
-    c.baselines.cox_penalizer = 0.1
-
-    c.explain = ml_collections.ConfigDict()
-    c.explain.enabled = True
-    c.explain.ig_steps = 32
-    c.explain.top_k = 20
-    c.explain.n_patients = 5
-    c.explain.n_drivers = 5
+    fusion_config.add_fusion_keys(c, baselines="logreg,CD274,IFNG6,CYT")
 
     if arg == "loco":
         pass
@@ -109,19 +70,7 @@ def get_config(arg: str = "loco") -> ml_collections.ConfigDict:
     elif arg == "test":
         c.data.cohorts = "Hugo"
         c.data.test_cohort = ""
-        c.cv.k = 3
-        c.cv.n_boot = 50
-        c.omics.max_features = 64
-        c.omics.n_modules = 4
-        c.model.dim = 8
-        c.model.heads = 2
-        c.model.depth = 0
-        c.train.max_epochs = 5
-        c.train.min_epochs = 2
-        c.train.patience = 3
-        c.train.ensemble = 1
-        c.explain.ig_steps = 8
-        c.explain.n_patients = 2
+        fusion_config.shrink_for_tests(c)
     else:
         raise ValueError(f"unknown preset {arg!r}: use loco, within, recist or test")
     return c

@@ -27,6 +27,8 @@ cfm's fusion model does not beat the penalised Cox baseline on BLCA. LUAD and KI
 
 import ml_collections
 
+from cfm.finetune import fusion_config
+
 
 def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -49,48 +51,7 @@ def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
     c.survival.n_bins = 4                # discrete-time bins: quartiles of event times (MCAT)
     c.survival.alpha = 0.0               # MCAT's extra weight on the uncensored term
 
-    c.omics = ml_collections.ConfigDict()
-    c.omics.encoder = ""                 # path of a pretrained omics encoder: not yet supported
-    c.omics.grouping = "modules"
-    c.omics.n_modules = 32
-    c.omics.gene_sets = ""
-    c.omics.max_features = 0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.dim = 32
-    c.model.heads = 4
-    c.model.depth = 1
-    c.model.dropout = 0.1
-    c.model.feature_dropout = 0.2
-    c.model.modality_dropout = 0.1
-
-    c.train = ml_collections.ConfigDict()
-    c.train.lr = 1e-3
-    c.train.weight_decay = 0.05
-    c.train.max_epochs = 200
-    c.train.min_epochs = 30              # no early stopping before (full-batch steps)
-    c.train.patience = 20
-    c.train.val_fraction = 0.2
-    c.train.ensemble = 3
-
-    c.cv = ml_collections.ConfigDict()
-    c.cv.k = 5
-    c.cv.seed = 0
-    c.cv.within_cohort = False
-    c.cv.n_boot = 1000
-
-    c.baselines = ml_collections.ConfigDict()
-    c.baselines.names = "cox,CD274,IFNG6,CYT"
-    c.baselines.C = 0.01
-    c.baselines.cox_pcs = 32
-    c.baselines.cox_penalizer = 0.1
-
-    c.explain = ml_collections.ConfigDict()
-    c.explain.enabled = True
-    c.explain.ig_steps = 32
-    c.explain.top_k = 20
-    c.explain.n_patients = 5
-    c.explain.n_drivers = 5
+    fusion_config.add_fusion_keys(c, baselines="cox,CD274,IFNG6,CYT")
 
     if arg in ("blca", "luad", "kirc"):
         c.data.cancer = arg
@@ -100,20 +61,8 @@ def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
         c.head = "nll"
     elif arg == "test":
         c.data.omics_kinds = "rnaseq"
-        c.cv.k = 3
-        c.cv.n_boot = 50
-        c.omics.max_features = 64
-        c.omics.n_modules = 4
-        c.model.dim = 8
-        c.model.heads = 2
-        c.model.depth = 0
-        c.train.max_epochs = 5
-        c.train.min_epochs = 2
-        c.train.patience = 3
-        c.train.ensemble = 1
+        fusion_config.shrink_for_tests(c)
         c.baselines.cox_pcs = 4
-        c.explain.ig_steps = 8
-        c.explain.n_patients = 2
     else:
         raise ValueError(f"unknown preset {arg!r}: use blca, luad, kirc, all, nll or test")
     return c

@@ -1,0 +1,71 @@
+"""Config keys shared by the fusion-model tasks (`response`, `survival`): the omics features,
+the model, training, cross-validation, baselines and explanations, with their defaults.
+configs/finetune/icb_response.py and configs/finetune/tcga_survival.py add them here so the
+two cannot drift apart."""
+
+import ml_collections
+
+
+def add_fusion_keys(c: ml_collections.ConfigDict, baselines: str) -> ml_collections.ConfigDict:
+    """Add the fusion keys to `c` (returned); `baselines` is the comma list of baselines."""
+    c.omics = ml_collections.ConfigDict()
+    c.omics.encoder = ""                 # path of a pretrained omics encoder: not yet supported
+    c.omics.grouping = "modules"         # modules (k-means, training patients) | vector | gene_sets
+    c.omics.n_modules = 32
+    c.omics.gene_sets = ""               # GMT file for grouping = gene_sets
+    c.omics.max_features = 0             # keep the most variable N features (0 = all)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dim = 32
+    c.model.heads = 4
+    c.model.depth = 1
+    c.model.dropout = 0.1
+    c.model.feature_dropout = 0.2
+    c.model.modality_dropout = 0.1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.lr = 1e-3
+    c.train.weight_decay = 0.05
+    c.train.max_epochs = 200
+    c.train.min_epochs = 30              # no early stopping before (full-batch steps)
+    c.train.patience = 20
+    c.train.val_fraction = 0.2
+    c.train.ensemble = 3
+
+    c.cv = ml_collections.ConfigDict()
+    c.cv.k = 5
+    c.cv.seed = 0
+    c.cv.within_cohort = False
+    c.cv.n_boot = 1000
+
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.names = baselines
+    c.baselines.C = 0.01                 # inverse L2 strength of the logistic regression
+    c.baselines.cox_pcs = 32
+    c.baselines.cox_penalizer = 0.1
+
+    c.explain = ml_collections.ConfigDict()
+    c.explain.enabled = True
+    c.explain.ig_steps = 32
+    c.explain.top_k = 20
+    c.explain.n_patients = 5
+    c.explain.n_drivers = 5
+    return c
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `test` presets' sizes: 3 folds, 64 features, a depth-0 8-wide model, 5 epochs."""
+    c.cv.k = 3
+    c.cv.n_boot = 50
+    c.omics.max_features = 64
+    c.omics.n_modules = 4
+    c.model.dim = 8
+    c.model.heads = 2
+    c.model.depth = 0
+    c.train.max_epochs = 5
+    c.train.min_epochs = 2
+    c.train.patience = 3
+    c.train.ensemble = 1
+    c.explain.ig_steps = 8
+    c.explain.n_patients = 2
+    return c
