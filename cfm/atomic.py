@@ -1,0 +1,75 @@
+"""Write a whole folder or nothing: stage it next to its destination, then rename it into place.
+
+Every job that writes a folder of results (`cfm.finetune` workdirs, `cfm.export` folders,
+`data_prep.prepare_omics` outputs) goes through `atomic_folder`, so a failed, interrupted or
+killed run leaves either the complete new folder or the old one, never a half-written mix.
+Checks of what the destination may already hold (refuse, or replace with `--overwrite`) stay
+with each job, which knows what its users expect; this module only stages and swaps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries (new names, renames) to disk, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def umask_modes(folder: str) -> None:
+    """Give a folder made by mkdtemp (mode 0700) and everything in it the modes a plain
+    mkdir/open would have given under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str) -> Iterator[str]:
+    """Yield a fresh, empty temporary folder beside `dest`; when the block ends without an
+    exception it becomes `dest` (an existing `dest` is moved aside first and deleted only once
+    the new folder is in place; it is put back if that rename fails). On an exception, or a
+    signal that unwinds the block, the temporary folder is removed and `dest` is untouched."""
+    dest = os.path.abspath(dest)
+    parent, base = os.path.dirname(dest), os.path.basename(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        yield tmp
+        umask_modes(tmp)
+        fsync_dir(tmp)
+        old = None
+        if os.path.isdir(dest) and not os.path.islink(dest) and not os.listdir(dest):
+            os.rmdir(dest)
+        elif os.path.lexists(dest):
+            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+            os.replace(dest, os.path.join(old, "x"))
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            if old is not None:  # put the old folder back
+                os.replace(os.path.join(old, "x"), dest)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
