@@ -14,11 +14,13 @@ import shutil
 import sys
 import tempfile
 
+from PIL import Image
+
 
 def _load_image():
     """The IHC image as uint8 [512, 512, 3], or None (with a message) if scikit-image is missing."""
     try:
-        from skimage import data
+        from skimage import data  # optional: scikit-image (extra "demo")
     except ImportError:
         print('demo_tiles: scikit-image is not installed; run: pip install -e ".[demo]"',
               file=sys.stderr)
@@ -53,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo_tiles: need 0 < --tile <= {min(height, width)} and --stride >= 1, got "
               f"{args.tile}, {args.stride}", file=sys.stderr)
         return 2
-
-    from PIL import Image  # a core dependency; imported late to keep --help fast
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)

@@ -1,6 +1,7 @@
 """Reading omics tables for `data_prep.prepare_omics`: CSV/TSV (gzip ok), Parquet and AnnData
-`.h5ad` into one shape (samples x features, NaN = missing), gene names into (symbol, Ensembl id),
-value checks per modality, missing-value repair and the expression transforms.
+`.h5ad` into one shape (samples x features, NaN = missing), gene names into (symbol, Ensembl id).
+Files into pandas frames (formats, optional readers, --clinical tables): `data_prep.omics_files`;
+value checks, missing-value repair and the expression transforms: `data_prep.omics_values`.
 
 Table layouts (see `read_table`):
   * samples x genes: one row per sample; the sample id is `--sample-column` (default: the first
@@ -21,41 +22,24 @@ Gene names: `ENSG00000141510.16` (any `ENS...G` id) is an Ensembl id with its ve
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import gzip
-import importlib
 import os
 import re
 
 import numpy as np
+import pandas as pd
 
 from cfm.data.omics_records import MODALITIES
+from data_prep.omics_files import (OmicsInputError, check_ids, numeric_values, read_frame,
+                                     require)
 
 DEFAULT_SUFFIXES = "_rnaseq=expression,_mut=mutation,_cnv=cnv"
-TRANSFORMS = ("log1p", "cpm_log1p", "tpm_log1p", "signed_log1p", "none")
 ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{6,})(\.\d+)?(_PAR_Y)?$")
 SYMBOL_COLUMNS = ("gene", "genes", "symbol", "gene_symbol", "gene_symbols", "hugo_symbol",
                   "gene_name", "gene_names", "feature_name", "genesymbol")
 ENSEMBL_COLUMNS = ("ensembl", "ensembl_id", "ensembl_gene_id", "gene_id", "gene_ids", "ensg")
 OTHER_GENE_COLUMNS = ("entrez_gene_id", "entrez_id", "entrez", "description", "gene_type",
                       "gene_biotype", "biotype", "length", "gene_length")
-CNV_CALLS = (-2.0, -1.0, 0.0, 1.0, 2.0)
-CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t", ".tab": "\t"}
-INSTALL_HINT = 'pip install "cfm[omics]" (from a checkout: pip install -e ".[omics]")'
-
-
-class OmicsInputError(ValueError):
-    """Bad input data or options; the message names the file, column and row."""
-
-
-def require(module: str):
-    """Import an optional dependency (pandas, pyarrow, anndata) with a clear error."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise OmicsInputError(f"prepare_omics needs the {module!r} package ({err}); "
-                              f"{INSTALL_HINT}") from err
 
 
 def gene_key(name: str) -> tuple[str, str]:
@@ -142,106 +126,7 @@ class Table:
         self.gene_lines = self.gene_lines[keep]
 
 
-# ----------------------------------------------------------------------------- reading
-def _separator(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(".gz"):
-        lower = lower[:-3]
-    for suffix, sep in CSV_SUFFIXES.items():
-        if lower.endswith(suffix):
-            return sep
-    return None
-
-
-def _raw_header(path: str, sep: str) -> list[str]:
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", newline="") as handle:
-            return next(csv.reader(handle, delimiter=sep), [])
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise OmicsInputError(f"{path}: cannot read ({err})") from err
-
-
-def read_frame(path: str, text_columns: tuple[str, ...] = ()):
-    """A pandas DataFrame of a CSV/TSV/Parquet file, with the file's own (unmangled) header;
-    columns in `text_columns` (and the first column) are read as text."""
-    pd = require("pandas")
-    if not os.path.isfile(path):
-        raise OmicsInputError(f"{path}: no such file")
-    lower = path.lower()
-    if lower.endswith((".parquet", ".pq")):
-        require("pyarrow")
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as err:  # noqa: BLE001 - pyarrow raises many types for bad files
-            raise OmicsInputError(f"{path}: cannot read as Parquet ({err})") from err
-        if not isinstance(frame.index, pd.RangeIndex):
-            frame = frame.reset_index()
-        frame.columns = [str(c) for c in frame.columns]
-        for column in {frame.columns[0], *text_columns} & set(frame.columns):
-            if frame[column].dtype == object or column in text_columns:
-                frame[column] = frame[column].map(lambda v: "" if v is None else str(v))
-        return frame
-    sep = _separator(path)
-    if sep is None:
-        raise OmicsInputError(f"{path}: unknown file type; use .csv, .tsv, .txt (tab), .parquet "
-                              "or .h5ad (optionally .gz for text)")
-    header = _raw_header(path, sep)
-    if not header:
-        raise OmicsInputError(f"{path}: empty file (no header line)")
-    text = {0} | {i for i, name in enumerate(header) if name in text_columns}
-    try:
-        frame = pd.read_csv(path, sep=sep, index_col=False, low_memory=False,
-                            converters={i: str for i in text})
-    except Exception as err:  # noqa: BLE001 - pandas raises many types for malformed text
-        raise OmicsInputError(f"{path}: cannot parse as {'TSV' if sep == chr(9) else 'CSV'} "
-                              f"({err})") from err
-    if len(header) == frame.shape[1]:
-        frame.columns = header
-    return frame
-
-
-def _numeric(frame, path: str, what: str, where) -> np.ndarray:
-    """float64 array of a frame whose every column must be numeric (empty cells -> NaN)."""
-    pd = require("pandas")
-    out = np.empty(frame.shape, np.float64)
-    for j in range(frame.shape[1]):
-        column = frame.iloc[:, j]
-        if column.dtype == bool:
-            out[:, j] = column.to_numpy(np.float64)
-            continue
-        if column.dtype.kind in "iuf":
-            out[:, j] = column.to_numpy(np.float64)
-            continue
-        coerced = pd.to_numeric(column, errors="coerce")
-        bad = np.flatnonzero(coerced.isna().to_numpy() & column.notna().to_numpy()
-                             & (column.astype(str).str.strip() != "").to_numpy())
-        if len(bad):
-            raise OmicsInputError(f"{where(bad[0], j)}: non-numeric value "
-                                  f"{column.iloc[bad[0]]!r} ({len(bad)} such cells in this "
-                                  f"{what}){_clinical_hint(what)}")
-        out[:, j] = coerced.to_numpy(np.float64)
-    return out
-
-
-def _clinical_hint(what: str) -> str:
-    return ("; if it is not a feature, name it in --clinical-columns" if what == "column"
-            else "")
-
-
-def _ids(values, path: str, what: str, lines) -> list[str]:
-    ids = [str(v).strip() for v in values]
-    seen = {}
-    for i, sid in enumerate(ids):
-        if not sid or sid.lower() == "nan":
-            raise OmicsInputError(f"{path}: empty {what} at {lines(i)}")
-        if sid in seen:
-            raise OmicsInputError(f"{path}: {what} {sid!r} appears twice ({lines(seen[sid])} "
-                                  f"and {lines(i)})")
-        seen[sid] = i
-    return ids
-
-
+# ----------------------------------------------------------------------------- layouts
 def detect_orientation(frame) -> str:
     """'genes x samples' when the first column is named like a gene column or mostly holds
     Ensembl ids, else 'samples x genes'."""
@@ -287,7 +172,6 @@ def read_table(path: str, modality: str | None, *, orientation: str = "auto",
 
 
 def _genes_by_samples(path: str, frame, modality: str) -> Table:
-    pd = require("pandas")
     n_gene_cols = 1
     while (n_gene_cols < frame.shape[1] - 1 and str(frame.columns[n_gene_cols]).strip().lower()
            in SYMBOL_COLUMNS + ENSEMBL_COLUMNS + OTHER_GENE_COLUMNS):
@@ -299,11 +183,11 @@ def _genes_by_samples(path: str, frame, modality: str) -> Table:
         if not name or name.lower() == "nan":
             raise OmicsInputError(f"{path}: row {r + 2}: empty gene name in column "
                                   f"{frame.columns[0]!r}")
-    sample_ids = _ids(data.columns, path, "sample id (column header)",
-                      lambda i: f"column {i + n_gene_cols + 1}")
-    values = _numeric(data, path, "sample column",
-                      lambda r, j: f"{path}: row {r + 2} (gene {names[r]!r}), column "
-                                   f"{sample_ids[j]!r}").T.copy()
+    sample_ids = check_ids(data.columns, path, "sample id (column header)",
+                           lambda i: f"column {i + n_gene_cols + 1}")
+    values = numeric_values(data, path, "sample column",
+                            lambda r, j: f"{path}: row {r + 2} (gene {names[r]!r}), column "
+                                         f"{sample_ids[j]!r}").T.copy()
     return Table(path, "genes x samples", sample_ids, names, [modality] * len(names), symbols,
                  ensembl, values, pd.DataFrame(index=pd.Index(sample_ids, name="sample_id")),
                  np.arange(len(sample_ids)) + n_gene_cols + 1, np.arange(len(names)) + 2)
@@ -330,7 +214,6 @@ def _gene_columns(gene_frame, names: list[str]) -> tuple[list[str], list[str]]:
 
 def _samples_by_genes(path, frame, modality, suffix_map, sample_column, patient_column,
                       clinical_columns) -> Table:
-    pd = require("pandas")
     columns = [str(c) for c in frame.columns]
     sample_column = sample_column or columns[0]
     if sample_column not in columns:
@@ -342,8 +225,8 @@ def _samples_by_genes(path, frame, modality, suffix_map, sample_column, patient_
                                   "column of this table")
     if columns.count(sample_column) > 1:
         raise OmicsInputError(f"{path}: the sample column {sample_column!r} appears twice")
-    ids = _ids(frame.iloc[:, columns.index(sample_column)], path, "sample id",
-               lambda i: f"row {i + 2}")
+    ids = check_ids(frame.iloc[:, columns.index(sample_column)], path, "sample id",
+                    lambda i: f"row {i + 2}")
     fixed = {sample_column, patient_column, *clinical_columns} - {None}
     feature_idx, feature_mod, feature_gene = [], [], []
     suffixed = modality is None and any(_suffix_of(c, suffix_map) for c in columns)
@@ -372,9 +255,9 @@ def _samples_by_genes(path, frame, modality, suffix_map, sample_column, patient_
         raise OmicsInputError(f"{path}: clinical column(s) {dup_clinical} appear twice")
     lines = np.arange(len(ids)) + 2
     names = [columns[j] for j in feature_idx]
-    values = _numeric(frame.iloc[:, feature_idx], path, "column",
-                      lambda r, j: f"{path}: column {names[j]!r}, row {lines[r]} "
-                                   f"(sample {ids[r]!r})")
+    values = numeric_values(frame.iloc[:, feature_idx], path, "column",
+                            lambda r, j: f"{path}: column {names[j]!r}, row {lines[r]} "
+                                         f"(sample {ids[r]!r})")
     keys = [gene_key(g) for g in feature_gene]
     clinical = frame.iloc[:, clinical_idx].copy()
     clinical.index = pd.Index(ids, name="sample_id")
@@ -391,7 +274,6 @@ def _suffix_of(name: str, suffix_map: dict[str, str]) -> str | None:
 
 
 def _read_h5ad(path: str, modality: str, layer: str | None) -> Table:
-    pd = require("pandas")
     anndata = require("anndata")
     if not os.path.isfile(path):
         raise OmicsInputError(f"{path}: no such file")
@@ -408,7 +290,7 @@ def _read_h5ad(path: str, modality: str, layer: str | None) -> Table:
     if hasattr(matrix, "toarray"):
         matrix = matrix.toarray()
     values = np.asarray(matrix, dtype=np.float64)
-    sample_ids = _ids(adata.obs_names, path, "obs name (sample id)", lambda i: f"obs #{i}")
+    sample_ids = check_ids(adata.obs_names, path, "obs name (sample id)", lambda i: f"obs #{i}")
     names = [str(v) for v in adata.var_names]
     var = adata.var.copy()
     var.insert(0, "__var_name__", names)
@@ -423,27 +305,13 @@ def _read_h5ad(path: str, modality: str, layer: str | None) -> Table:
                  values, clinical, np.arange(n), np.arange(len(names)))
 
 
-def read_clinical(path: str, sample_column: str | None):
-    """(clinical table indexed by sample id, name of its sample id column (default: first))."""
-    frame = read_frame(path, (sample_column,) if sample_column else ())
-    column = sample_column or str(frame.columns[0])
-    if column not in frame.columns:
-        raise OmicsInputError(f"{path}: no column {column!r} (--clinical-sample-column); "
-                              f"columns start {list(frame.columns[:6])}")
-    ids = _ids(frame[column], path, f"sample id in column {column!r}", lambda i: f"row {i + 2}")
-    frame = frame.drop(columns=[column])
-    frame.index = ids
-    frame.index.name = "sample_id"
-    return frame, column
-
-
 def read_gene_lengths(path: str) -> dict[str, float]:
     """{gene name, symbol or Ensembl id: length in bases} from a two-column table."""
     frame = read_frame(path)
     if frame.shape[1] < 2:
         raise OmicsInputError(f"{path}: --gene-lengths needs two columns (gene, length in bp)")
-    lengths = _numeric(frame.iloc[:, 1:2], path, "length column",
-                       lambda r, j: f"{path}: row {r + 2}")[:, 0]
+    lengths = numeric_values(frame.iloc[:, 1:2], path, "length column",
+                             lambda r, j: f"{path}: row {r + 2}")[:, 0]
     out = {}
     for r, (name, length) in enumerate(zip(frame.iloc[:, 0], lengths)):
         if not np.isfinite(length) or length <= 0:
@@ -452,102 +320,3 @@ def read_gene_lengths(path: str) -> dict[str, float]:
         for key in {str(name).strip(), sym, ens} - {""}:
             out[key] = float(length)
     return out
-
-
-# ----------------------------------------------------------------------------- values
-def check_values(table: Table, fill_missing: str, transform: str | None) -> None:
-    """Errors for missing cells (with --fill-missing error), mutation values other than 0/1, CNV
-    calls outside -2..2 and negative values where the transform needs counts."""
-    values = table.values
-    bad = np.argwhere(np.isinf(values))
-    if len(bad):
-        i, j = bad[0]
-        raise OmicsInputError(f"{table.where(i, j)}: infinite value ({len(bad)} such cells)")
-    if fill_missing == "error":
-        bad = np.argwhere(np.isnan(values))
-        if len(bad):
-            i, j = bad[0]
-            raise OmicsInputError(f"{table.where(i, j)}: missing value ({len(bad)} missing "
-                                  "cells in this file); repair with --fill-missing "
-                                  "zero|median|skip")
-    checks = {"mutation": (lambda v: (v != 0) & (v != 1), "mutation values must be 0 or 1"),
-              "cnv": (lambda v: ~np.isin(v, CNV_CALLS),
-                      "copy-number calls must be one of -2, -1, 0, 1, 2")}
-    if transform in ("log1p", "cpm_log1p", "tpm_log1p"):
-        checks["expression"] = (lambda v: v < 0, f"--expression-transform {transform} needs "
-                                "counts >= 0 (for z-score-like or log-scale tables use "
-                                "signed_log1p or none)")
-    for modality, (is_bad, rule) in checks.items():
-        columns = table.columns_of(modality)
-        if not len(columns):
-            continue
-        block = values[:, columns]
-        bad = np.argwhere(~np.isnan(block) & is_bad(block))
-        if len(bad):
-            i, j = bad[0]
-            raise OmicsInputError(f"{table.where(i, columns[j])}: {modality} value "
-                                  f"{block[i, j]:g}: {rule} ({len(bad)} such cells)")
-
-
-def fill_missing(table: Table, mode: str, train_rows: np.ndarray) -> int:
-    """Replace missing cells: `zero`, `median` (expression: median of the column's training
-    samples; mutation/cnv: their most frequent value) or `skip` (left missing: no token).
-    Returns the number of cells filled."""
-    missing = np.isnan(table.values)
-    count = int(missing.sum())
-    if mode in ("error", "skip") or count == 0:
-        return 0 if mode == "skip" else count
-    for j in np.flatnonzero(missing.any(axis=0)):
-        column = table.values[:, j]
-        if mode == "zero":
-            fill = 0.0
-        else:
-            known = column[train_rows][~np.isnan(column[train_rows])]
-            if not len(known):
-                raise OmicsInputError(f"{table.path}: column {table.names[j]!r} has no value in "
-                                      "any training sample, so --fill-missing median is "
-                                      "undefined; use zero or skip")
-            if table.modality[j] == "expression":
-                fill = float(np.median(known))
-            else:
-                uniq, counts = np.unique(known, return_counts=True)
-                fill = float(uniq[np.argmax(counts)])
-        column[np.isnan(column)] = fill
-    return count
-
-
-def transform_expression(table: Table, transform: str,
-                         gene_lengths: dict[str, float] | None) -> None:
-    """Apply --expression-transform in place to the table's expression columns (per sample for
-    CPM/TPM: library size over this file's expression columns, missing cells ignored)."""
-    columns = table.columns_of("expression")
-    if not len(columns) or transform == "none":
-        return
-    x = table.values[:, columns]
-    if transform == "signed_log1p":
-        x = np.sign(x) * np.log1p(np.abs(x))
-    elif transform == "log1p":
-        x = np.log1p(x)
-    else:
-        if transform == "tpm_log1p":
-            if gene_lengths is None:
-                raise OmicsInputError("--expression-transform tpm_log1p needs gene lengths: give "
-                                      "--gene-lengths FILE (gene, length in bp), or use "
-                                      "cpm_log1p, which needs none")
-            lengths = np.empty(len(columns))
-            for k, j in enumerate(columns):
-                keys = [table.names[j], table.symbols[j], table.ensembl[j]]
-                found = [gene_lengths[key] for key in keys if key and key in gene_lengths]
-                if not found:
-                    raise OmicsInputError(f"{table.path}: gene {table.names[j]!r} has no length "
-                                          "in --gene-lengths")
-                lengths[k] = found[0]
-            x = x / (lengths / 1000.0)
-        library = np.nansum(x, axis=1)
-        empty = np.flatnonzero(library <= 0)
-        if len(empty):
-            raise OmicsInputError(f"{table.path}: sample {table.sample_ids[empty[0]]!r} has a "
-                                  f"total of 0 over its expression columns; {transform} is "
-                                  "undefined")
-        x = np.log1p(x / library[:, None] * 1e6)
-    table.values[:, columns] = x

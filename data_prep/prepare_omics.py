@@ -48,230 +48,25 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
+from importlib import metadata
 
 import numpy as np
 
-from cfm.data.omics_records import CLS_ID, MODALITIES, PAD_ID, encode_sample
-from cfm.data.omics_source import FORMAT, read_vocab
+from cfm.atomic import atomic_folder
+from cfm.data.omics_records import MODALITIES, encode_sample
+from cfm.data.omics_source import FORMAT
 from data_prep import omics_tables as ot
-from data_prep.omics_tables import OmicsInputError
-from data_prep.shard_io import _file_sha256, _fsync_dir, _fsync_file
+from data_prep.cli import parse_args
+from data_prep.omics_combine import combine, dedupe
+from data_prep.omics_files import OmicsInputError, log, read_clinical
+from data_prep.omics_values import TRANSFORMS, check_values, fill_missing, transform_expression
+from data_prep.omics_vocab import build_vocab, map_genes
+from data_prep.shard_io import ShardWriter, _file_sha256, balanced_sizes
 
 SPLITS = ("train", "val", "test")
 MAX_BIN_SAMPLE = 20_000_000  # z-scores used for the bin quantiles (random subset beyond this)
-
-
-def log(message: str) -> None:
-    print(f"prepare_omics: {message}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- vocabulary
-class Vocab:
-    """Genes as (symbol, Ensembl id); matched by Ensembl id where known, else by symbol."""
-
-    def __init__(self, rows: list[tuple[str, str]] = (), frozen: bool = False):
-        self.symbols, self.ensembl, self.frozen = [], [], frozen
-        self.by_ens, self.by_sym = {}, {}
-        for sym, ens in rows:
-            self._add(sym, ens)
-
-    def _add(self, sym: str, ens: str) -> int:
-        idx = len(self.symbols)
-        self.symbols.append(sym)
-        self.ensembl.append(ens)
-        if ens:
-            self.by_ens[ens] = idx
-        if sym:
-            self.by_sym.setdefault(sym, []).append(idx)
-        return idx
-
-    def lookup(self, sym: str, ens: str) -> int | None:
-        """Gene id (2..) of (symbol, ensembl), or None; ValueError if a bare symbol is
-        ambiguous (two Ensembl ids share it)."""
-        if ens and ens in self.by_ens:
-            return self.by_ens[ens] + 2
-        candidates = self.by_sym.get(sym, []) if sym else []
-        if ens:
-            candidates = [c for c in candidates if not self.ensembl[c]]
-        if len(candidates) > 1:
-            raise OmicsInputError(f"gene symbol {sym!r} is ambiguous: it names Ensembl ids "
-                                  f"{[self.ensembl[c] for c in candidates]}")
-        if candidates:
-            if ens and not self.frozen:
-                self.ensembl[candidates[0]] = ens
-                self.by_ens[ens] = candidates[0]
-            return candidates[0] + 2
-        return None
-
-    def add(self, sym: str, ens: str) -> int:
-        return self.lookup(sym, ens) or self._add(sym, ens) + 2
-
-    def sorted(self) -> "Vocab":
-        """The same genes ordered by name (symbol, else Ensembl id): ids independent of input
-        order."""
-        order = sorted(range(len(self.symbols)),
-                       key=lambda i: (self.symbols[i] or self.ensembl[i], self.ensembl[i]))
-        return Vocab([(self.symbols[i], self.ensembl[i]) for i in order], frozen=True)
-
-    def tsv(self) -> bytes:
-        lines = ["id\tsymbol\tensembl", f"{PAD_ID}\t<pad>\t", f"{CLS_ID}\t<cls>\t"]
-        lines += [f"{i + 2}\t{s}\t{e}" for i, (s, e) in enumerate(zip(self.symbols,
-                                                                       self.ensembl))]
-        return ("\n".join(lines) + "\n").encode("utf-8")
-
-    def __len__(self) -> int:
-        return len(self.symbols) + 2
-
-
-def map_genes(tables, vocab: Vocab, drop_unknown: bool, repairs: dict) -> list[np.ndarray]:
-    """Per table: gene id of every feature (unknown genes dropped or an error)."""
-    out = []
-    for table in tables:
-        ids = np.array([vocab.lookup(s, e) or 0 for s, e in zip(table.symbols, table.ensembl)],
-                       np.int64)
-        unknown = np.flatnonzero(ids == 0)
-        if len(unknown):
-            if not drop_unknown:
-                raise OmicsInputError(f"{table.path}: {len(unknown)} gene(s) not in --vocab, "
-                                      f"first {table.names[unknown[0]]!r} (column/row "
-                                      f"{table.gene_lines[unknown[0]]}); add "
-                                      "--drop-unknown-genes to drop them")
-            before = set(table.modalities())
-            table.drop_features(ids != 0)
-            ids = ids[ids != 0]
-            repairs["unknown genes dropped (features)"] = (
-                repairs.get("unknown genes dropped (features)", 0) + len(unknown))
-            log(f"{table.name}: dropped {len(unknown)} feature(s) of genes not in --vocab")
-            lost = before - set(table.modalities())
-            if lost:
-                raise OmicsInputError(f"{table.path}: no {sorted(lost)} gene is in --vocab "
-                                      "(modality empty after dropping unknown genes)")
-        out.append(ids)
-    return out
-
-
-# ----------------------------------------------------------------------------- combining
-def group_tables(tables, combine: str) -> list[list[int]]:
-    """Indices of the tables of each group (joined within, stacked across)."""
-    if combine == "join":
-        return [list(range(len(tables)))]
-    groups, seen = [], set()
-    for k, table in enumerate(tables):
-        mods = set(table.modalities())
-        if combine == "stack" or not groups or mods & seen:
-            groups.append([k])
-            seen = set(mods)
-        else:
-            groups[-1].append(k)
-            seen |= mods
-    return groups
-
-
-def align(tables, mode: str, what: str, repairs: dict) -> list[str]:
-    """Sample ids common to the tables (first table's order); each table keeps only those rows.
-    mode exact: the sets must be equal."""
-    first = tables[0]
-    keep = set(first.sample_ids)
-    for table in tables[1:]:
-        ids = set(table.sample_ids)
-        if ids != set(first.sample_ids) and mode == "exact":
-            only_a = sorted(set(first.sample_ids) - ids)
-            only_b = sorted(ids - set(first.sample_ids))
-            raise OmicsInputError(
-                f"{what}: sample ids of {table.path} and {first.path} do not line up: "
-                f"{len(only_b)} only in {table.name} (e.g. {only_b[:3]}), {len(only_a)} only in "
-                f"{first.name} (e.g. {only_a[:3]}); --join inner keeps the common samples")
-        keep &= ids
-    ids = [s for s in first.sample_ids if s in keep]
-    if not ids:
-        raise OmicsInputError(f"{what}: {', '.join(t.path for t in tables)} share no sample id")
-    for table in tables:
-        dropped = len(table.sample_ids) - len(ids)
-        if dropped:
-            repairs[f"--join inner: samples dropped from {table.name}"] = dropped
-            log(f"--join inner: dropped {dropped} of {len(table.sample_ids)} samples of "
-                f"{table.name} (not in every joined file)")
-        index = {s: i for i, s in enumerate(table.sample_ids)}
-        table.take_rows(np.array([index[s] for s in ids], np.int64))
-    return ids
-
-
-def merge_clinical(tables, groups, extra: list[tuple[str, object]], mode: str, repairs: dict):
-    """One clinical DataFrame (index = sample id) for all samples; drops samples (from the
-    tables) that an --join inner --clinical file lacks."""
-    pd = ot.require("pandas")
-    parts = []
-    for group in groups:
-        frame = tables[group[0]].clinical
-        for k in group[1:]:
-            other = tables[k].clinical
-            new = [c for c in other.columns if c not in frame.columns]
-            frame = frame.join(other[new])
-        parts.append(frame)
-    clinical = pd.concat(parts, axis=0, sort=False) if len(parts) > 1 else parts[0]
-    for path, frame, _ in extra:
-        missing = clinical.index.difference(frame.index)
-        surplus = frame.index.difference(clinical.index)
-        if (len(missing) or len(surplus)) and mode == "exact":
-            raise OmicsInputError(
-                f"--clinical {path}: sample ids do not line up with the omics inputs: "
-                f"{len(missing)} omics samples lack a row (e.g. {list(missing[:3])}), "
-                f"{len(surplus)} rows match no omics sample (e.g. {list(surplus[:3])}); "
-                "--join inner keeps the common samples")
-        if len(missing):
-            repairs[f"--join inner: samples without a row in {os.path.basename(path)}"] = (
-                len(missing))
-            log(f"--join inner: dropped {len(missing)} samples without a row in {path}")
-        if len(surplus):
-            log(f"--join inner: ignored {len(surplus)} rows of {path} that match no sample")
-        new = [c for c in frame.columns if c not in clinical.columns]
-        clinical = clinical.join(frame[new], how="inner")
-    return clinical
-
-
-def assign_splits(patients: list[str], seed: int, val: float, test: float) -> list[str]:
-    """train/val/test per patient from sha256(seed:patient) (see the module docstring)."""
-    out = []
-    for patient in patients:
-        digest = hashlib.sha256(f"{seed}:{patient}".encode("utf-8")).digest()
-        u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
-        out.append("test" if u < test else "val" if u < test + val else "train")
-    return out
-
-
-def dedupe(values: np.ndarray, genes: np.ndarray, mods: np.ndarray, names: list[str],
-           rule: str, repairs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resolve features of one group with the same (gene, modality): error, first or mean."""
-    keys = genes * len(MODALITIES) + mods
-    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
-    if (counts == 1).all():
-        return values, genes, mods
-    dup_key = uniq[np.argmax(counts > 1)]
-    where = [names[j] for j in np.flatnonzero(keys == dup_key)]
-    if rule == "error":
-        raise OmicsInputError(f"duplicated gene: features {where} are one gene and modality "
-                              f"({int((counts > 1).sum())} such genes); resolve with "
-                              "--duplicates first|mean")
-    out = values[:, np.sort(first)].copy()
-    keep = np.sort(first)
-    if rule == "mean":
-        for k in np.flatnonzero(counts > 1):
-            columns = np.flatnonzero(keys == uniq[k])
-            if MODALITIES[mods[columns[0]]] != "expression":
-                raise OmicsInputError(f"--duplicates mean averages expression only; "
-                                      f"{[names[j] for j in columns]} are "
-                                      f"{MODALITIES[mods[columns[0]]]}: use --duplicates first")
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(values[:, columns], axis=1)
-            out[:, np.searchsorted(keep, columns.min())] = mean
-    n = int((counts > 1).sum())
-    repairs[f"--duplicates {rule}: duplicated genes"] = (
-        repairs.get(f"--duplicates {rule}: duplicated genes", 0) + n)
-    log(f"--duplicates {rule}: {n} gene(s) had several columns (e.g. {where})")
-    return out, genes[keep], mods[keep]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -327,38 +122,13 @@ def bin_edges(groups_data, n_bins: int, seed: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
-class ShardWriter:
-    """Streams one split's records into size-balanced shards {split}-IIIII-of-NNNNN.arrayrecord
-    (the split's sample count is known up front)."""
-
-    def __init__(self, folder: str, split: str, total: int, per_shard: int):
-        self.folder, self.split, self.total = folder, split, total
-        n = math.ceil(total / per_shard)
-        self.sizes = [total // n + (1 if i < total % n else 0) for i in range(n)]
-        self.files = [f"{split}-{i:05d}-of-{n:05d}.arrayrecord" for i in range(n)]
-        self.shard, self.in_shard, self.written, self.writer = 0, 0, 0, None
-
-    def write(self, record: bytes) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self.writer is None:
-            self.writer = ArrayRecordWriter(os.path.join(self.folder, self.files[self.shard]),
-                                            "group_size:1")
-        self.writer.write(record)
-        self.in_shard += 1
-        self.written += 1
-        if self.in_shard == self.sizes[self.shard]:
-            self.writer.close()
-            _fsync_file(os.path.join(self.folder, self.files[self.shard]))
-            self.writer, self.shard, self.in_shard = None, self.shard + 1, 0
-            log(f"{self.split}: {self.written}/{self.total} samples written "
-                f"({self.shard}/{len(self.files)} shards)")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.written != self.total:  # a bug, not bad input
-            raise RuntimeError(f"{self.split}: wrote {self.written} of {self.total} samples")
+def split_writer(folder: str, split: str, total: int, per_shard: int) -> ShardWriter:
+    """One split's size-balanced shards {split}-IIIII-of-NNNNN.arrayrecord (the split's sample
+    count is known up front), logging progress after each shard."""
+    n = math.ceil(total / per_shard)
+    files = [f"{split}-{i:05d}-of-{n:05d}.arrayrecord" for i in range(n)]
+    return ShardWriter(folder, files, balanced_sizes(total, n), on_shard=lambda w: log(
+        f"{split}: {w.written}/{w.total} samples written ({w.shard}/{len(w.files)} shards)"))
 
 
 def _write(folder: str, name: str, data: bytes) -> None:
@@ -370,8 +140,6 @@ def _write(folder: str, name: str, data: bytes) -> None:
 
 
 def _cfm_version() -> str:
-    from importlib import metadata
-
     try:
         return metadata.version("cfm")
     except metadata.PackageNotFoundError:
@@ -401,45 +169,21 @@ def read_inputs(args) -> tuple[list, list, dict | None]:
                                   "--expression-transform (log1p for counts, cpm_log1p, "
                                   "tpm_log1p, signed_log1p for z-score-like tables such as "
                                   "TCGA _rnaseq, none for values already on a log scale)")
-        ot.check_values(table, args.fill_missing, args.expression_transform)
+        check_values(table, args.fill_missing, args.expression_transform)
         tables.append(table)
-    extra = [(p, *ot.read_clinical(p, args.clinical_sample_column)) for p in args.clinical]
+    extra = [(p, *read_clinical(p, args.clinical_sample_column)) for p in args.clinical]
     lengths = ot.read_gene_lengths(args.gene_lengths) if args.gene_lengths else None
     return tables, extra, lengths
 
 
-def combine(args, tables, extra, repairs: dict):
-    """(groups of table indices, sample ids per group, clinical table of all samples)."""
-    groups = group_tables(tables, args.combine)
-    group_ids = []
-    for group in groups:
-        members = [tables[k] for k in group]
-        group_ids.append(align(members, args.join, "join", repairs) if len(members) > 1
-                         else members[0].sample_ids)
-        if len(members) > 1:
-            log(f"joined on sample id: {', '.join(t.name for t in members)} -> "
-                f"{len(group_ids[-1])} samples")
-    owner = {}
-    for g, ids in enumerate(group_ids):
-        for sid in ids:
-            if sid in owner:
-                first, second = tables[groups[owner[sid]][0]].path, tables[groups[g][0]].path
-                raise OmicsInputError(f"sample id {sid!r} is in {first} and {second} (stacked "
-                                      "inputs must hold different samples; give modalities "
-                                      "of the same samples as consecutive inputs, or "
-                                      "--combine join)")
-            owner[sid] = g
-    if len(groups) > 1:
-        log(f"stacked {len(groups)} groups of inputs: {len(owner)} samples")
-    clinical = merge_clinical(tables, groups, extra, args.join, repairs)
-    if len(clinical) < len(owner):  # --join inner dropped samples without clinical rows
-        kept = set(clinical.index)
-        for g, group in enumerate(groups):
-            index = {s: i for i, s in enumerate(group_ids[g])}
-            group_ids[g] = [s for s in group_ids[g] if s in kept]
-            for k in group:
-                tables[k].take_rows(np.array([index[s] for s in group_ids[g]], np.int64))
-    return groups, group_ids, clinical.loc[[s for ids in group_ids for s in ids]]
+def assign_splits(patients: list[str], seed: int, val: float, test: float) -> list[str]:
+    """train/val/test per patient from sha256(seed:patient) (see the module docstring)."""
+    out = []
+    for patient in patients:
+        digest = hashlib.sha256(f"{seed}:{patient}".encode("utf-8")).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+        out.append("test" if u < test else "val" if u < test + val else "train")
+    return out
 
 
 def patients_of(args, tables, extra, clinical) -> list[str]:
@@ -460,20 +204,6 @@ def patients_of(args, tables, extra, clinical) -> list[str]:
                           f"inputs (clinical columns: {list(clinical.columns[:10])})")
 
 
-def build_vocab(args, tables) -> Vocab:
-    """--vocab, or every gene of the inputs sorted by name."""
-    if args.vocab:
-        try:
-            return Vocab(read_vocab(args.vocab), frozen=True)
-        except ValueError as err:
-            raise OmicsInputError(str(err)) from err
-    vocab = Vocab()
-    for table in tables:
-        for sym, ens in zip(table.symbols, table.ensembl):
-            vocab.add(sym, ens)
-    return vocab.sorted()
-
-
 def group_matrices(args, tables, groups, group_ids, gene_ids, split_of, lengths, repairs):
     """Per group (values [samples, features], gene ids, modality indices, train mask): missing
     cells filled, expression transformed, duplicates resolved."""
@@ -481,9 +211,9 @@ def group_matrices(args, tables, groups, group_ids, gene_ids, split_of, lengths,
     for g, group in enumerate(groups):
         train_rows = np.array([split_of[s] == "train" for s in group_ids[g]])
         for k in group:
-            filled += ot.fill_missing(tables[k], args.fill_missing, train_rows)
+            filled += fill_missing(tables[k], args.fill_missing, train_rows)
             if args.expression_transform:
-                ot.transform_expression(tables[k], args.expression_transform, lengths)
+                transform_expression(tables[k], args.expression_transform, lengths)
     if filled:
         repairs[f"--fill-missing {args.fill_missing}: cells filled"] = filled
     skipped = sum(int(np.isnan(t.values).sum()) for t in tables)
@@ -522,8 +252,9 @@ def write_records(groups_data, group_ids, edges, split_of, patient_of, where, wr
             meta = {"sample_id": sid, "patient_id": patient_of[sid], "split": split_of[sid]}
             writers[split_of[sid]].write(encode_sample(meta, genes[ok], mods[ok], values[i, ok],
                                                        classes[i, ok]))
-    for writer in writers.values():
-        writer.close()
+    for split, writer in writers.items():
+        if writer.close() != writer.total:  # a bug, not bad input
+            raise RuntimeError(f"{split}: wrote {writer.written} of {writer.total} samples")
     return max_tokens, present
 
 
@@ -546,7 +277,7 @@ def prepare(args, out_tmp: str) -> dict:
     expression = fit_expression(groups_data, len(vocab), args.std_floor, args.clip, repairs)
     edges = bin_edges(groups_data, args.n_bins, args.seed)
     where = [", ".join(tables[k].name for k in group) for group in groups]
-    writers = {s: ShardWriter(out_tmp, s, splits.count(s), args.samples_per_shard)
+    writers = {s: split_writer(out_tmp, s, splits.count(s), args.samples_per_shard)
                for s in SPLITS}
     max_tokens, present = write_records(groups_data, group_ids, edges, split_of, patient_of,
                                         where, writers)
@@ -616,7 +347,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --vocab: drop genes it lacks instead of failing")
     p.add_argument("--duplicates", default="error", choices=("error", "first", "mean"))
     p.add_argument("--fill-missing", default="error", choices=("error", "zero", "median", "skip"))
-    p.add_argument("--expression-transform", default=None, choices=ot.TRANSFORMS)
+    p.add_argument("--expression-transform", default=None, choices=TRANSFORMS)
     p.add_argument("--gene-lengths", default=None, help="gene, length (bp) table for TPM")
     p.add_argument("--std-floor", type=float, default=0.01,
                    help="minimum per-gene std in transformed units (default %(default)s)")
@@ -656,42 +387,19 @@ def _usage_error(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns 0, 2 for bad usage or input, 1 if writing failed."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    problem = _usage_error(args)
-    if problem:
-        print(f"prepare_omics: {problem}", file=sys.stderr)
-        return 2
+    args, status = parse_args(_parser(), argv, _usage_error, "prepare_omics")
+    if args is None:
+        return status
     out = os.path.abspath(args.out)
-    parent, base = os.path.dirname(out), os.path.basename(out)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
-    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that had this pid
-    os.makedirs(tmp)
     try:
-        manifest = prepare(args, tmp)
-        _fsync_dir(tmp)
-        if os.path.exists(out):  # --overwrite: swap, and only then delete the old folder
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(parent)
+        with atomic_folder(out) as tmp:  # an existing --out is replaced only on success
+            manifest = prepare(args, tmp)
     except OmicsInputError as err:
         print(f"prepare_omics: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"prepare_omics: cannot write {out}: {err}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     sp = manifest["splits"]
     log("done: " + ", ".join(f"{s} {sp[s]['samples']} samples / {sp[s]['patients']} patients"
                              for s in SPLITS)

@@ -1,13 +1,20 @@
 """Files of a tiling run: atomic writes, CSV helpers, content hashes and salted slide ids, and
 packing staged tiles into size-balanced ArrayRecord shards (the storage half of
-`data_prep.tile_wsi`)."""
+`data_prep.tile_wsi`); `ShardWriter`, the size-balanced ArrayRecord shard writer, also writes the
+shards of `data_prep.prepare_omics`."""
+
+from __future__ import annotations
 
 import csv
 import hashlib
 import io
 import math
 import os
+from typing import Callable
 
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from cfm.atomic import fsync_dir
 from cfm.data.records import decode_tile
 
 ID_HEX_DIGITS = 16
@@ -17,20 +24,6 @@ MANIFEST_FIELDS = ("shard", "index", "slide_id", "x", "y", "level", "mpp", "tiss
 
 
 # ----------------------------------------------------------------------------- files
-def _fsync_dir(folder: str) -> None:
-    """fsync a folder so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: str) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -44,7 +37,7 @@ def atomic_write(path: str, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def _csv_bytes(fields, rows) -> bytes:
@@ -90,6 +83,51 @@ def _scrub(text: str, path: str) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- shards
+def balanced_sizes(total: int, n: int) -> list[int]:
+    """n shard sizes that add up to total and differ by at most one (the larger ones first)."""
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+
+class ShardWriter:
+    """Streams records into the ArrayRecord shards folder/files[i], sizes[i] records each, in
+    order. A shard is opened at its first record; once full it is closed and fsynced (written as
+    `<name>.tmp` and then renamed into place when `staged`) and `on_shard(self)` runs."""
+
+    def __init__(self, folder: str, files: list[str], sizes: list[int], staged: bool = False,
+                 on_shard: Callable[[ShardWriter], None] | None = None):
+        self.folder, self.files, self.sizes, self.total = folder, files, sizes, sum(sizes)
+        self.staged, self.on_shard = staged, on_shard
+        self.shard, self.in_shard, self.written, self._writer = 0, 0, 0, None
+
+    def _path(self) -> str:
+        path = os.path.join(self.folder, self.files[self.shard])
+        return path + ".tmp" if self.staged else path
+
+    def write(self, record: bytes) -> None:
+        """Append one record to the current shard (shard `self.shard`, index `self.in_shard`)."""
+        if self._writer is None:
+            self._writer = ArrayRecordWriter(self._path(), "group_size:1")
+        self._writer.write(record)
+        self.in_shard += 1
+        self.written += 1
+        if self.in_shard == self.sizes[self.shard]:
+            self._writer.close()
+            _fsync_file(self._path())
+            if self.staged:
+                os.replace(self._path(), os.path.join(self.folder, self.files[self.shard]))
+            self._writer, self.shard, self.in_shard = None, self.shard + 1, 0
+            if self.on_shard is not None:
+                self.on_shard(self)
+
+    def close(self) -> int:
+        """Close a shard left short of its size (a caller's bug); returns the records written."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.written
+
+
 # ----------------------------------------------------------------------------- packing
 def pack_shards(out: str, tiles_per_shard: int) -> int:
     """Move staged slides into size-balanced shards; manifest.csv commits them. Returns tiles.
@@ -97,8 +135,6 @@ def pack_shards(out: str, tiles_per_shard: int) -> int:
     Shards not listed in manifest.csv (a crashed pack) are deleted first; staged slides already
     in the manifest are dropped. New shards continue the numbering of the committed ones.
     """
-    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-
     manifest_path = os.path.join(out, "manifest.csv")
     rows = _read_csv(manifest_path)
     committed = {row["shard"] for row in rows}
@@ -126,34 +162,21 @@ def pack_shards(out: str, tiles_per_shard: int) -> int:
         reader.close()
     total = sum(counts)
     n_shards = max(1, math.ceil(total / tiles_per_shard))
-    sizes = [total // n_shards + (1 if i < total % n_shards else 0) for i in range(n_shards)]
     first = 1 + max([int(name[6:11]) for name in committed] or [-1])
     names = [f"tiles-{first + i:05d}.array_record" for i in range(n_shards)]
-    shard, index, writer, new_rows = 0, 0, None, []
-
-    def finish(writer, name):
-        writer.close()
-        tmp = os.path.join(out, name + ".tmp")
-        _fsync_file(tmp)
-        os.replace(tmp, os.path.join(out, name))
-
+    writer = ShardWriter(out, names, balanced_sizes(total, n_shards), staged=True)
+    new_rows = []
     for path, count in zip(pending, counts):
         reader = ArrayRecordReader(path)
         for begin in range(0, count, 1024):
             for record in reader.read(list(range(begin, min(begin + 1024, count)))):
-                if writer is None:
-                    writer = ArrayRecordWriter(os.path.join(out, names[shard] + ".tmp"),
-                                               "group_size:1")
-                writer.write(record)
                 _, meta = decode_tile(record)
-                new_rows.append({"shard": names[shard], "index": index,
+                new_rows.append({"shard": names[writer.shard], "index": writer.in_shard,
                                  **{k: meta[k] for k in MANIFEST_FIELDS[2:]}})
-                index += 1
-                if index == sizes[shard]:
-                    finish(writer, names[shard])
-                    writer, shard, index = None, shard + 1, 0
+                writer.write(record)
         reader.close()
-    _fsync_dir(out)
+    writer.close()
+    fsync_dir(out)
     atomic_write(manifest_path, _csv_bytes(MANIFEST_FIELDS, rows + new_rows))
     for path in pending:
         os.remove(path)

@@ -26,7 +26,7 @@ class _OpenSlideReader:
     """Pyramid levels of an OpenSlide slide; associated images (label, macro) are never read."""
 
     def __init__(self, path: str):
-        import openslide  # optional dependency (extra `slides`), imported only when used
+        import openslide  # optional: openslide-python (extra "slides")
         self._slide = openslide.OpenSlide(path)
         self.level_dimensions = list(self._slide.level_dimensions)
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
@@ -80,7 +80,7 @@ def open_slide(path: str) -> "_OpenSlideReader | _PilReader":
     Without openslide-python installed (extra `slides`) only the PIL formats open.
     """
     try:
-        import openslide
+        import openslide  # optional: openslide-python (extra "slides")
     except ImportError:
         openslide = None
     try:

@@ -54,9 +54,12 @@ import sys
 import tempfile
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image, ImageDraw, ImageFilter
 
 from cfm.data.records import encode_tile
+from cfm.explain.heatmap import CLASS_COLOURS
+from cfm.finetune.tme import tme_scores
 
 CLASSES = ("tumour", "stroma", "immune", "background")
 # RGB of the H&E stains (as cfm.data.sources), per class.
@@ -225,8 +228,6 @@ def slide_class_map(grid: int, rich: bool, rng: np.random.Generator) -> np.ndarr
 
 def tme_truth(class_map: np.ndarray, tile_size: int, mpp: float) -> dict:
     """True TME figures of a class map, defined as `cfm.finetune.tme.tme_scores` defines them."""
-    from cfm.finetune.tme import tme_scores
-
     return tme_scores(class_map, tile_size, mpp, CLASSES)
 
 
@@ -235,8 +236,6 @@ class _ShardWriter:
     """Tile records into one ArrayRecord shard + manifest.csv + config.json, as tile_wsi writes."""
 
     def __init__(self, folder: str, tile_size: int, mpp: float, cohort: str):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         os.makedirs(folder)
         self.folder, self.name = folder, "tiles-00000.array_record"
         self.writer = ArrayRecordWriter(os.path.join(folder, self.name), "group_size:1")
@@ -320,7 +319,6 @@ def _generate(tmp: str, seed: int, tile_size: int, mpp: float, patients: int,
     writer = _ShardWriter(os.path.join(tmp, "slides"), tile_size, mpp, "synthetic_slides")
     os.makedirs(os.path.join(tmp, "truth"))
     os.makedirs(os.path.join(tmp, "spatial"))
-    from cfm.explain.heatmap import CLASS_COLOURS
 
     labels, spots = [], []
     for s in range(slides):

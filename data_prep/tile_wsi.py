@@ -49,20 +49,24 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
 
+from cfm.atomic import fsync_dir
 from cfm.data.records import encode_tile
-from data_prep import tissue
-from data_prep.shard_io import MANIFEST_FIELDS  # noqa: F401  (part of this module's interface)
-from data_prep.shard_io import (_csv_bytes, _file_sha256, _fsync_dir, _fsync_file, _read_csv,
-                                _scrub, atomic_write, pack_shards, salted_id)
+from data_prep import shard_io, tissue
+from data_prep.cli import parse_args
+from data_prep.shard_io import (_csv_bytes, _file_sha256, _fsync_file, _read_csv, _scrub,
+                                atomic_write, pack_shards, salted_id)
 from data_prep.slide_io import (OPENSLIDE_SUFFIXES, PIL_SUFFIXES, SlideError, best_level,
                                 open_slide, read_thumbnail, tile_grid)
+from data_prep.tile_qc import format_eta, write_qc
+
+MANIFEST_FIELDS = shard_io.MANIFEST_FIELDS  # part of this module's interface (tests read it)
 
 # A target mpp finer than the slide's by more than this (relative) is skipped for that slide:
 # tiles would be upsampled blur (and a 352 um/px image would give millions of sub-pixel tiles).
 MAX_UPSAMPLE = 0.10
-QC_MAX_SIDE = 1024
 # Tile filters, on the resized uint8 RGB tile.
 WHITE_LEVEL = 220  # a pixel with all of R, G, B above this is background
 MAX_WHITE_FRACTION = 0.75  # more background than this -> dropped
@@ -153,8 +157,6 @@ def tile_slide(path: str, settings: TileSettings, known: tuple[str, str] | None 
 
 def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
     """Tiles of one slide (see tile_slide); raises SlideError with the reason on failure."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     reader = open_slide(path)
     staging = os.path.join(settings.out, "staging", slide_id + ".array_record")
     tmp = f"{staging}.{os.getpid()}.tmp"
@@ -217,9 +219,9 @@ def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
                              f"passed the filters (dropped: {detail})")
         _fsync_file(tmp)
         os.replace(tmp, staging)
-        _fsync_dir(os.path.dirname(staging))
-        _write_qc(os.path.join(settings.out, "qc", slide_id + ".png"), thumb, mask, boxes,
-                  settings.mpps)
+        fsync_dir(os.path.dirname(staging))
+        write_qc(os.path.join(settings.out, "qc", slide_id + ".png"), thumb, mask, boxes,
+                 settings.mpps)
         record = {"slide_id": slide_id, "tiles": kept, "rejected": rejected}
         atomic_write(os.path.join(settings.out, "done", slide_id + ".json"),
                      json.dumps(record, sort_keys=True).encode("utf-8"))
@@ -230,27 +232,6 @@ def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
         if os.path.exists(tmp):
             os.remove(tmp)
         reader.close()
-
-
-def _write_qc(path: str, thumb: Image.Image, mask, boxes, mpps) -> None:
-    """QC PNG: tissue tinted green, kept tiles outlined (one colour per target mpp)."""
-    rgb = np.asarray(thumb, np.float32)
-    green = np.array([0, 200, 0], np.float32)
-    rgb[mask.mask] = 0.65 * rgb[mask.mask] + 0.35 * green
-    image = Image.fromarray(rgb.astype(np.uint8))
-    factor = min(1.0, QC_MAX_SIDE / max(image.size))
-    if factor < 1.0:
-        image = image.resize((max(1, round(image.width * factor)),
-                              max(1, round(image.height * factor))), Image.BILINEAR)
-    draw = ImageDraw.Draw(image)
-    colours = [(0, 0, 255), (255, 0, 0), (255, 160, 0), (160, 0, 160)]
-    sx, sy = factor / mask.scale_x, factor / mask.scale_y
-    for target, x, y, fw, fh in boxes:
-        colour = colours[mpps.index(target) % len(colours)]
-        draw.rectangle((x * sx, y * sy, (x + fw) * sx - 1, (y + fh) * sy - 1), outline=colour)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # no text chunks: nothing but pixels
-    atomic_write(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -347,21 +328,11 @@ def _check_config(out: str, config: dict) -> None:
         atomic_write(path, json.dumps(config, sort_keys=True).encode("utf-8"))
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns 0 (all slides ok), 1 (some slide failed) or 2 (bad usage)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    problem = _usage_error(args)
-    if problem:
-        print(f"tile_wsi: {problem}", file=sys.stderr)
-        return 2
+    args, status = parse_args(_parser(), argv, _usage_error, "tile_wsi")
+    if args is None:
+        return status
     slides = find_slides(args.slides, os.path.abspath(args.out))
     slides = slides[args.shard_index::args.num_shards]
     if not slides:
@@ -431,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         eta = elapsed / done * (len(slides) - done)
         print(f"tile_wsi: {done}/{len(slides)} slides ({len(failures)} failed), "
               f"{result['slide_id']}: {note}; {tiles / elapsed:.1f} tiles/s, "
-              f"ETA {_format_eta(eta)}", file=sys.stderr, flush=True)
+              f"ETA {format_eta(eta)}", file=sys.stderr, flush=True)
 
     if args.workers == 1:
         for path in slides:

@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Sequence
 
-from launch import common
+from launch import cli, common
 
 PROG = "launch.local"
 
@@ -147,20 +147,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
     try:
-        mine, job = common.split_job(argv)
-    except common.LaunchError as e:
-        return common.fail(PROG, e)
-    args = parser.parse_args(mine)
-    try:
-        for name in ("num_processes", "devices_per_process"):
-            if getattr(args, name) < 1:
-                raise common.LaunchError(f"--{name.replace('_', '-')} must be >= 1, got "
-                                         f"{getattr(args, name)}")
-        if args.max_restarts < 0:
-            raise common.LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+        args, job = cli.parse(_parser(), argv)
+        cli.require_at_least(args, 1, "num_processes", "devices_per_process")
+        cli.require_at_least(args, 0, "max_restarts")
         if not 0 <= args.port < 65536:
             raise common.LaunchError(f"--port must be in 0..65535, got {args.port}")
         n, m = args.num_processes, args.devices_per_process

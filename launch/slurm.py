@@ -37,7 +37,7 @@ import sys
 import tempfile
 from typing import Sequence
 
-from launch import common
+from launch import cli, common
 
 PROG = "launch.slurm"
 
@@ -68,14 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace, job: list[str]) -> None:
-    for name in ("nodes", "signal_s"):
-        if getattr(args, name) < 1:
-            raise common.LaunchError(f"--{name.replace('_', '-')} must be >= 1, got "
-                                     f"{getattr(args, name)}")
-    for name in ("gpus_per_node", "max_restarts"):
-        if getattr(args, name) < 0:
-            raise common.LaunchError(f"--{name.replace('_', '-')} must be >= 0, got "
-                                     f"{getattr(args, name)}")
+    cli.require_at_least(args, 1, "nodes", "signal_s")
+    cli.require_at_least(args, 0, "gpus_per_node", "max_restarts")
     if args.array is not None and args.array < 1:
         raise common.LaunchError(f"--array must be >= 1, got {args.array}")
     if args.per == "gpu" and args.gpus_per_node == 0 and args.array is None:
@@ -134,13 +128,8 @@ def script(args: argparse.Namespace, job: list[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        mine, job = common.split_job(argv)
-    except common.LaunchError as e:
-        return common.fail(PROG, e)
-    args = _parser().parse_args(mine)
-    try:
+        args, job = cli.parse(_parser(), argv)
         validate(args, job)
     except common.LaunchError as e:
         return common.fail(PROG, e)

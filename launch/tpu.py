@@ -52,7 +52,7 @@ import time
 from typing import NamedTuple, Sequence
 
 from cfm import aot
-from launch import common
+from launch import cli, common
 
 PROG = "launch.tpu"
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
@@ -165,8 +165,7 @@ def validate(args: argparse.Namespace, job: list[str] | None) -> tuple[str, Slic
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,60}[a-z0-9])?", args.name):
         raise common.LaunchError(f"--name={args.name!r}: use lowercase letters, digits and "
                                  "hyphens, starting with a letter (a GCE resource name)")
-    if args.num_slices < 1:
-        raise common.LaunchError(f"--num-slices must be >= 1, got {args.num_slices}")
+    cli.require_at_least(args, 1, "num_slices")
     gen, sl = slice_for(args.topology)
     if args.preemptible and (args.queued or args.num_slices > 1):
         raise common.LaunchError("--preemptible is for TPU VMs; a queued resource takes --spot")
@@ -307,15 +306,8 @@ def run(args: argparse.Namespace, job: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    job = None
-    if "--" in argv:
-        try:
-            argv, job = common.split_job(argv)
-        except common.LaunchError as e:
-            return common.fail(PROG, e)
-    args = _parser().parse_args(argv)
     try:
+        args, job = cli.parse(_parser(), argv, job_optional=True)
         if args.action == "delete":
             common.run(Tpu(args).delete(), args.dry_run)
             return 0
