@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cfm import checkpoint, train  # noqa: E402
 from cfm.models import vit  # noqa: E402
 from cfm.parallel import mesh as mesh_lib  # noqa: E402
-from cfm.ssl import masking  # noqa: E402
+from cfm.data import masking  # noqa: E402
 from train_step import _reexec_with_jemalloc, load_config  # noqa: E402
 
 GB = 1e9

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from cfm import flops, train  # noqa: E402
 from cfm.models import vit  # noqa: E402
 from cfm.parallel import mesh as mesh_lib  # noqa: E402
-from cfm.ssl import masking  # noqa: E402
+from cfm.data import masking  # noqa: E402
 
 
 def load_config(arg: str):

@@ -28,12 +28,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from cfm import pretrained
+from cfm.data.sources import ShardSource
+from cfm.omics_embed import embed_omics
+
 
 def load_backbone(model: str, step: int | None = None):
     """(training config, ViT module, teacher backbone params, step) from a cfm.train workdir
     (its latest or `step` checkpoint) or a cfm.export folder (orbax or safetensors format)."""
-    from cfm import pretrained
-
     p = pretrained.load(model, step)
     config = ml_collections.ConfigDict(p.info["provenance"]["training_config"])
     return config, p.module, p.params, p.step
@@ -49,8 +51,6 @@ def _prepare(tile: np.ndarray, size: int, mean, std) -> np.ndarray:
 def embed(model: str, shards: str, out: str, step: int | None = None, batch: int = 128,
           per_file: int = 100_000) -> int:
     """Write the embeddings of every tile under `shards` to `out`; returns the tile count."""
-    from cfm.data.sources import ShardSource
-
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
     config, backbone, params, step = load_backbone(model, step)
@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch and --per-file must be positive")
     try:
         if args.omics:
-            from cfm.omics_embed import embed_omics
-
             n = embed_omics(args.model, args.omics, args.out, args.step, min(args.batch, 64))
         else:
             n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file)

@@ -16,6 +16,9 @@ from typing import Mapping
 
 import numpy as np
 from etils import epath
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
 
 
 def _is_url(path: str) -> bool:
@@ -45,7 +48,6 @@ class MetricWriter:
         self._last_time: float | None = None
         self._last_step: int | None = None
         if enabled:
-            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
             self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
@@ -116,11 +118,10 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
     history = read_history(workdir)
     if not history:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    # Drawn by the Agg backend directly, with no pyplot figure to close or global backend to set.
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for key in keys:
         pts = [(h["step"], h[key]) for h in history if key in h]
         if pts:
@@ -135,7 +136,6 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
     path = os.path.join(workdir, "loss_curve.png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     if _is_url(workdir):  # an object store writes an object whole: no half-written PNG
         epath.Path(path).write_bytes(buf.getvalue())
     else:

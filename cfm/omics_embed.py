@@ -21,6 +21,10 @@ import time
 import jax
 import numpy as np
 
+from cfm import pretrained
+from cfm.data.omics_pipeline import pad_sample
+from cfm.data.omics_source import OmicsShardSource, read_manifest
+
 SPLITS = ("train", "val", "test")
 
 
@@ -29,8 +33,6 @@ def padded_batches(samples: list[dict[str, np.ndarray]], batch: int = 32, bucket
     """Yield (n real samples, batch dict [batch, L], value mask bool [batch, L]) over every
     token of `samples` (omics_records.decode_sample's dicts), L a multiple of `bucket` and the
     batch always full (repeated last sample), so that a handful of shapes compile."""
-    from cfm.data.omics_pipeline import pad_sample
-
     longest = -(-max(len(s["gene_ids"]) for s in samples) // bucket) * bucket
     # Attention holds batch x heads x L^2 floats: cap the batch for long samples (TCGA's ~3000
     # tokens at batch 32 needed ~5 GB of host memory).
@@ -50,8 +52,6 @@ def padded_batches(samples: list[dict[str, np.ndarray]], batch: int = 32, bucket
 def read_samples(folder: str, splits: tuple[str, ...] = SPLITS
                  ) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
     """(metadata, token arrays) of every sample of `splits` in a prepared omics folder."""
-    from cfm.data.omics_source import OmicsShardSource, read_manifest
-
     manifest = read_manifest(folder)
     metas, samples = [], []
     for split in splits:
@@ -110,9 +110,6 @@ def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]]
 def embed_omics(model: str, folder: str, out: str, step: int | None = None, batch: int = 32,
                 splits: tuple[str, ...] = SPLITS) -> int:
     """Write the CLS embeddings of every sample of `splits` in a prepared folder to `out`."""
-    from cfm import pretrained
-    from cfm.data.omics_source import read_manifest
-
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
     p = pretrained.load(model, step)

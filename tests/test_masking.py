@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cfm.ssl.masking import BlockMaskGenerator, mask_buffer_size, sample_batch_masks
+from cfm.data.masking import BlockMaskGenerator, mask_buffer_size, sample_batch_masks
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (5, 7), (14, 14)])

@@ -1,6 +1,7 @@
 """Sources, the grain pipeline's determinism contract across hosts / resumes, and demo_tiles."""
 
 import importlib.util
+import io
 import os
 import pathlib
 import sys
@@ -10,9 +11,10 @@ import pytest
 from PIL import Image
 
 from cfm.data import pipeline
+from cfm.data.masking import sample_batch_masks
 from cfm.data.pipeline import make_train_iterator, mask_buffer_size_for
-from cfm.data.sources import FolderSource, SyntheticSource, make_source
-from cfm.ssl.masking import sample_batch_masks
+from cfm.data.records import encode_tile
+from cfm.data.sources import FolderSource, ShardSource, SyntheticSource, make_source
 from data_prep import demo_tiles
 
 _CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "dino_vit.py"
@@ -236,11 +238,8 @@ def test_demo_tiles_without_scikit_image_says_how_to_install(tmp_path, monkeypat
 
 def _write_shards(folder, images, per_shard):
     """ArrayRecord tile shards in tile_wsi's record format, written directly."""
-    import io
-
+    # optional: array_record is not in install_requires (grain brings it, except on Windows)
     from array_record.python.array_record_module import ArrayRecordWriter
-
-    from cfm.data.records import encode_tile
 
     os.makedirs(folder, exist_ok=True)
     for s in range(0, len(images), per_shard):
@@ -254,8 +253,6 @@ def _write_shards(folder, images, per_shard):
 
 
 def test_shard_source_reads_tile_shards_into_the_pipeline(tmp_path):
-    from cfm.data.sources import ShardSource
-
     synth = SyntheticSource(10, 48, seed=3)
     images = [synth[i] for i in range(10)]
     _write_shards(tmp_path / "shards" / "part0", images, per_shard=4)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grain
 import ml_collections
 import numpy as np
 from scipy.special import ndtri
 
+from cfm.data import host_stream, omics_source
 from cfm.data.omics_records import MODALITIES, PAD_ID
 
-_SHUFFLE, _SUBSET = 0x5F1, 0x6E5
+_SUBSET = 0x6E5  # the gene-subset stream (the shuffle's is host_stream.SHUFFLE_STREAM)
 
 
 class SyntheticOmicsSource:
@@ -83,11 +83,6 @@ class SyntheticOmicsSource:
         return meta, arrays
 
 
-def _prepared(data: ml_collections.ConfigDict, split: str):
-    from cfm.data import omics_source  # ArrayRecord reader of data_prep.prepare_omics folders
-    return omics_source.OmicsShardSource(data.path, split)
-
-
 def make_source(data: ml_collections.ConfigDict, seed: int, split: str | None = None):
     """The configured sample source: `synthetic` or `prepared` (data_prep.prepare_omics)."""
     if data.source == "synthetic":
@@ -95,7 +90,7 @@ def make_source(data: ml_collections.ConfigDict, seed: int, split: str | None = 
                                     n_bins=data.synthetic_bins, n_mut=data.synthetic_mutations,
                                     n_cnv=data.synthetic_cnv)
     if data.source == "prepared":
-        return _prepared(data, split or data.split)
+        return omics_source.OmicsShardSource(data.path, split or data.split)
     raise ValueError(f"data.source={data.source!r}: use synthetic or prepared")
 
 
@@ -103,8 +98,6 @@ def data_sizes(data: ml_collections.ConfigDict) -> tuple[int, int]:
     """(vocab_size, n_bins) of the configured data, which size the model's tables."""
     if data.source == "synthetic":
         return data.synthetic_genes + 2, data.synthetic_bins
-    from cfm.data import omics_source
-
     manifest = omics_source.read_manifest(data.path)  # clear errors for a wrong folder
     return int(manifest["vocab_size"]), int(manifest["n_bins"])
 
@@ -150,23 +143,13 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
                         ) -> Iterator[dict[str, np.ndarray]]:
     """Endless iterator of this host's batches from step `start_step`: gene_ids, modality,
     classes int32 [b, max_tokens] and values float32 [b, max_tokens], b = batch / processes."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                         f"{process_count}")
-    if config.batch_size % process_count:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
-                         f"processes ({process_count}); change --config.batch_size")
+    b = host_stream.host_batch_size(config.batch_size, process_index, process_count)
     if start_step < 0 or config.seed < 0:
         raise ValueError(f"need start_step >= 0 and seed >= 0, got {start_step}, {config.seed}")
     seed = int(config.seed)
-    b = config.batch_size // process_count
-    shuffle_seed = int(np.random.SeedSequence([seed, _SHUFFLE]).generate_state(1)[0])
-    ds = grain.MapDataset.source(make_source(config.data, seed))
-    ds = ds.shuffle(seed=shuffle_seed).repeat()
+    ds = host_stream.shuffled_repeat(make_source(config.data, seed), seed)
     shuffle = config.model.get("attend_tokens", 0) > 0
     ds = ds.map_with_index(_Subset(config.data.max_tokens, seed, shuffle))
     ds = ds.batch(b, drop_remainder=True)
-    ds = ds[process_index + start_step * process_count::process_count]
-    prefetch = max(1, int(config.data.prefetch))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
-                                                     prefetch_buffer_size=prefetch)))
+    ds = host_stream.host_slice(ds, process_index, process_count, start_step)
+    return iter(host_stream.read_ahead(ds, config.data.prefetch))

@@ -104,6 +104,8 @@ class OmicsShardSource:
 
     def _source(self):
         if self._records is None:
+            # optional: array_record is not in install_requires (grain brings it, except on
+            # Windows)
             from array_record.python.array_record_data_source import ArrayRecordDataSource
 
             self._records = ArrayRecordDataSource(self.files)

@@ -21,13 +21,14 @@ import grain
 import numpy as np
 from absl import flags
 
+from cfm.data import host_stream
 from cfm.data.augment import MultiCrop
+from cfm.data.masking import mask_buffer_size, sample_batch_masks
 from cfm.data.sources import make_source
-from cfm.ssl.masking import mask_buffer_size, sample_batch_masks
 
-# Distinct streams derived from config.seed, so shuffling, augmentation and masks never share
-# random numbers.
-_SHUFFLE, _AUGMENT, _MASKS = 0x5F1, 0xA06, 0x3A5
+# Distinct streams derived from config.seed, so augmentation and masks share no random numbers
+# with each other or with the shuffle (host_stream.SHUFFLE_STREAM).
+_AUGMENT, _MASKS = 0xA06, 0x3A5
 
 
 def _check_seed(seed: int) -> int:
@@ -100,30 +101,20 @@ def make_train_iterator(config, *, patch_size: int, process_index: int = 0,
     global_crops uint8 [b, 2, G, G, 3], local_crops uint8 [b, n_local, L, L, 3] and masks
     bool [b, 2, (G / patch_size)**2] (True = patch hidden from the student, iBOT).
     """
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                         f"{process_count}")
-    if config.batch_size % process_count:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
-                         f"processes ({process_count}); change --config.batch_size")
+    b = host_stream.host_batch_size(config.batch_size, process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     seed = _check_seed(config.seed)
     grid = _grid(config, patch_size)
-    b = config.batch_size // process_count
-    shuffle_seed = int(np.random.SeedSequence([seed, _SHUFFLE]).generate_state(1)[0])
 
-    ds = grain.MapDataset.source(make_source(config.data, seed))
-    ds = ds.shuffle(seed=shuffle_seed).repeat()  # reshuffled every epoch, deterministically
+    ds = host_stream.shuffled_repeat(make_source(config.data, seed), seed)
     ds = ds.map_with_index(_Augment(MultiCrop(config.crops, config.augment), seed))
     ds = ds.batch(b, drop_remainder=True)
     ds = ds.map_with_index(_AttachMasks(config, grid, process_count))
-    # Host-sized batch m is slot m % P of step m // P: keep this host's slot from start_step on.
-    ds = ds[process_index + start_step * process_count::process_count]
+    ds = host_stream.host_slice(ds, process_index, process_count, start_step)
 
     prefetch = max(1, int(config.data.prefetch))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
-                                                 prefetch_buffer_size=prefetch))
+    it_ds = host_stream.read_ahead(ds, prefetch)
     if config.data.worker_count > 0:
         if not flags.FLAGS.is_parsed():
             # grain 0.2.18 reads an absl flag in mp_prefetch and fails when no absl app parsed

@@ -9,8 +9,11 @@ only sizes, seeds and file names (the ArrayRecord reader reopens its files there
 import io
 import os
 
+import grain
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from cfm.data.records import decode_tile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -124,8 +127,6 @@ class ShardSource:
     written by `data_prep.tile_wsi`: record i -> its JPEG decoded to uint8 RGB."""
 
     def __init__(self, path: str):
-        import grain  # only this source needs the ArrayRecord reader
-
         self.path = os.fspath(path)
         self.files = _find_files(self.path, (".array_record",),
                                  "the --out folder of `python -m data_prep.tile_wsi`",
@@ -139,8 +140,6 @@ class ShardSource:
 
     def record(self, index: int) -> tuple[bytes, dict]:
         """(JPEG bytes, metadata) of tile `index`."""
-        from cfm.data.records import decode_tile
-
         return decode_tile(self._records[int(index)])
 
     def tile(self, index: int) -> tuple[np.ndarray, dict]:

@@ -39,6 +39,11 @@ import re
 
 import jax
 
+try:  # private (no public equivalent in jax 0.10.2), so a later jax may not have it
+    from jax._src import cloud_tpu_init
+except ImportError:
+    cloud_tpu_init = None
+
 _ENV_COORDINATOR = "CFM_COORDINATOR"
 _ENV_NUM_PROCESSES = "CFM_NUM_PROCESSES"
 _ENV_PROCESS_ID = "CFM_PROCESS_ID"
@@ -156,10 +161,6 @@ def _slurm() -> tuple[str, int, int] | None:
 
 def _on_cloud_tpu_vm() -> bool:
     """Whether JAX found a Cloud TPU VM at import (libtpu and TPU chips present)."""
-    try:
-        from jax._src import cloud_tpu_init  # private: no public equivalent in jax 0.10.2
-    except ImportError:
-        return False
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 

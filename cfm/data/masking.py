@@ -4,8 +4,9 @@ The masks are rectangular blocks placed one after another until a patch budget i
 BEiT scheme (Bao et al. 2021, "BEiT: BERT Pre-Training of Image Transformers",
 arXiv:2106.08254, Sec. 2.5 / Algorithm 1) as DINOv2 uses it (Oquab et al. 2023,
 arXiv:2304.07193; `MaskingGenerator` and `collate_data_and_cast` in facebookresearch/dinov2).
-Every random draw comes from an explicit `np.random.Generator`, so the input pipeline can seed
-masks per training step and reproduce them on any number of hosts.
+Every random draw comes from an explicit `np.random.Generator`, so the input pipeline
+(`cfm.data.pipeline`) can seed masks per training step and reproduce them on any number of
+hosts. The masks travel with each batch; the iBOT loss on them is `cfm.ssl.losses.ibot_loss`.
 """
 
 import math
