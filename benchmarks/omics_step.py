@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                                 {k: v.ndim for k, v in local.items()})
     batch = train.global_batch(local, mesh)
     compiled, compile_s, xla = compile_with_flops(step, state, batch)
-    model = flops.omics_step_flops(c, args.tokens)
+    model = flops.omics_step_flops(c, args.tokens)["total"]
     state, out, step_s = time_steps(compiled, state, batch, args.steps)
     peak = matmul_rate()
     print(f"variant {args.variant}, {args.tokens} tokens x batch {args.batch}, dtype "

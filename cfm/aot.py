@@ -2,13 +2,15 @@
 
     python -m cfm.aot --config configs/dino_vit.py:vit_g14 --topology v5p:4x4x4 \
         [--config.key=value ...] [--json PATH]
+    python -m cfm.aot --config configs/omics_mgm.py:test --topology cpu:8
 
 `--topology` is `<generation>:<chips per dimension>` (v4:2x2x1, v5e:16x16, v5p:4x4x4,
 v6e:8x8; needs libtpu: `pip install -e ".[tpu]"`) or `cpu:N` (N forced host CPU devices, no
-libtpu; memory figures only). The step is `cfm.train`'s own: models from `build_models`, the
-state's shapes and shardings as `create_state` makes them (`state_spec`, which allocates
-nothing), the jitted step from `jit_train_step`, lowered with the mesh of `config.mesh` on the
-topology's compile-only devices and a ShapeDtypeStruct batch split like the trainer's. Prints
+libtpu; memory figures only; the catalogue is `cfm.parallel.topology`). The step is
+`cfm.train`'s own, for any objective: `cfm.setup.setup` builds the models, the state's shapes
+and shardings (allocating nothing) and the jitted step, which is lowered with the mesh of
+`config.mesh` on the topology's compile-only devices, the state and the objective's batch as
+sharded ShapeDtypeStructs. Prints
 per-chip memory from XLA's buffer assignment against the chip's HBM, XLA's FLOPs, an estimated
 step time and the MFU it implies; `--json` writes the same figures. Bad input exits with
 status 2.
@@ -22,123 +24,19 @@ analytic FLOPs (a compute-bound ceiling; see `_estimate`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import re
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
-GiB = 2 ** 30
-
-
-class Chip(NamedTuple):
-    libtpu_name: str  # generation as libtpu's topology names spell it
-    ndim: int  # torus dimensions of a slice's topology name
-    hbm_bytes: float  # HBM per chip, bytes
-    peak_flops: float  # peak bf16 FLOP/s per chip
-    hbm_bw: float  # HBM bandwidth per chip, bytes/s
-
-
-# Per-chip figures from the Google Cloud TPU documentation, "System architecture" pages
-# https://cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e (HBM capacity, HBM bandwidth, peak
-# bf16 compute). v5e is also called v5litepod.
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 3, 32 * GiB, 275e12, 1228e9),
-    "v5e": Chip("v5e", 2, 16 * GiB, 197e12, 819e9),
-    "v5p": Chip("v5", 3, 95 * GiB, 459e12, 2765e9),
-    "v6e": Chip("v6e", 2, 32 * GiB, 918e12, 1640e9),
-}
-ALIASES = {"v5litepod": "v5e", "v5": "v5p", "v6": "v6e"}
-EXAMPLES = "v4:2x2x1, v4:4x4x4, v5e:4x4, v5e:16x16, v5p:2x2x4, v5p:4x4x4, v6e:8x8, cpu:8"
-
+from cfm.parallel.topology import (CHIPS, EXAMPLES, GiB, Topology, TopologyError,
+                                   parse_topology, prepare_environment, topology_devices)
 
 class AotError(Exception):
     """Bad input (topology, mesh, batch, config, missing libtpu): exit status 2."""
-
-
-class Topology(NamedTuple):
-    name: str  # as given
-    platform: str  # "tpu" or "cpu"
-    generation: str  # key of CHIPS, or "cpu"
-    libtpu_name: str  # e.g. "v5:4x4x4"; "" for cpu
-    n_chips: int
-
-
-def parse_topology(name: str) -> Topology:
-    """`v5p:4x4x4` / `v5e:16x16` / `cpu:8` -> Topology; AotError for anything else."""
-    gen, sep, dims = name.strip().partition(":")
-    gen = ALIASES.get(gen.lower(), gen.lower())
-    bad = AotError(f"--topology={name!r}: unknown topology; use <generation>:<dims> with "
-                   f"generation one of {', '.join(CHIPS)} or cpu, e.g. {EXAMPLES}")
-    if not sep:
-        raise bad
-    if gen == "cpu":
-        if not dims.isdigit() or int(dims) < 1:
-            raise bad
-        return Topology(name, "cpu", "cpu", "", int(dims))
-    parts = dims.lower().split("x")
-    if gen not in CHIPS or not all(p.isdigit() and int(p) > 0 for p in parts) or len(
-            parts) != CHIPS[gen].ndim:
-        raise bad
-    return Topology(name, "tpu", gen, f"{CHIPS[gen].libtpu_name}:{dims.lower()}",
-                    math.prod(int(p) for p in parts))
-
-
-def prepare_environment(topo: Topology) -> None:
-    """Set what JAX and libtpu read at start-up (JAX's settings only if JAX is not imported)."""
-    # libtpu (read when it loads): no GCE metadata queries, and no /tmp/libtpu_lockfile, since
-    # compiling touches no chip; several compiles (benchmarks/scaling.py) may run at once.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if "jax" in sys.modules:
-        return
-    # Compile-only TPU devices need no TPU backend: keep the runtime on CPU, so an installed
-    # libtpu does not look for chips.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if topo.platform == "cpu":
-        flag = f"--xla_force_host_platform_device_count={topo.n_chips}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-
-
-def topology_devices(topo: Topology) -> list:
-    """The devices to compile for: compile-only TPU devices, or the first N CPU devices."""
-    import jax
-
-    if topo.platform == "cpu":
-        devices = jax.devices("cpu")
-        if len(devices) < topo.n_chips:
-            raise AotError(f"--topology={topo.name}: this process has {len(devices)} CPU "
-                           "devices (JAX started before XLA_FLAGS could be set); run cfm.aot "
-                           "in a fresh process")
-        return devices[:topo.n_chips]
-    if importlib.util.find_spec("libtpu") is None:
-        raise AotError(f"--topology={topo.name} needs libtpu, which is not installed: "
-                       'pip install -e ".[tpu]" (jax[tpu] of the same version as jax)')
-    from jax.experimental import topologies
-    # v4 and v5p chips have two TensorCores; "megacore" makes each chip one JAX device.
-    kwargs = {"chip_config_name": "megacore"} if CHIPS[topo.generation].ndim == 3 else {}
-    try:
-        desc = topologies.get_topology_desc(topology_name=topo.libtpu_name, platform="tpu",
-                                            **kwargs)
-    except Exception as e:  # noqa: BLE001 - libtpu raises JaxRuntimeError for bad shapes
-        raise AotError(f"--topology={topo.name}: libtpu refused {topo.libtpu_name!r} "
-                       f"({str(e).splitlines()[0]}); valid examples: {EXAMPLES}") from None
-    if len(desc.devices) != topo.n_chips:
-        raise AotError(f"--topology={topo.name}: libtpu gave {len(desc.devices)} devices for "
-                       f"{topo.n_chips} chips")
-    return list(desc.devices)
-
-
-def abstract_batch(config, patch: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Global batch shapes and dtypes the step receives (`cfm.data.pipeline`'s batches)."""
-    b, c = int(config.batch_size), config.crops
-    g, n_loc = int(c.global_size), int(c.n_local)
-    return {"global_crops": ((b, 2, g, g, 3), "uint8"),
-            "local_crops": ((b, n_loc, int(c.local_size), int(c.local_size), 3), "uint8"),
-            "masks": ((b, 2, (g // patch) ** 2), "bool")}
 
 
 def _bytes(shape, dtype) -> int:
@@ -151,47 +49,36 @@ def _bytes(shape, dtype) -> int:
 
 
 def compile_step(config, topo: Topology) -> dict[str, Any]:
-    """Compile the train step for `topo` and return its figures (bytes, FLOPs, seconds)."""
+    """Compile the train step of `config`'s objective for `topo` and return its figures
+    (bytes, FLOPs, seconds)."""
+    # JAX reads XLA_FLAGS when first imported: cfm.setup (and jax) only after
+    # prepare_environment, which main runs first.
     import jax
 
-    from cfm import config_check, flops, train
-    from cfm.data import pipeline
-    from cfm.models import vit
-    from cfm.parallel import mesh as mesh_lib
+    from cfm import config_check, setup
 
     if topo.platform == "tpu" and config.model.attention == "auto":
         # "auto" follows the runtime's backend, which is CPU here; the TPU path is this one.
         config.model.attention = "dot_product_attention"
     try:
-        config_check.validate_dino(config)
-    except config_check.ConfigError as e:
-        raise AotError(f"bad config: {e}") from None
-    devices = topology_devices(topo)
-    try:
-        mesh = mesh_lib.make_mesh(config.mesh, devices)
-    except ValueError as e:
-        raise AotError(f"config.mesh does not fit --topology={topo.name} ({len(devices)} "
-                       f"chips): {e}") from None
-    try:
-        train.check_batch(config, mesh)
-    except config_check.ConfigError as e:
+        devices = topology_devices(topo)
+    except TopologyError as e:
         raise AotError(str(e)) from None
-
-    models = train.build_models(config)
-    shapes, shardings, tx, _ = train.state_spec(config, models, mesh)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         shapes, shardings)
-    patch = vit.spec(config.model.variant).patch
-    spec = abstract_batch(config, patch)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype,
-                                     sharding=mesh_lib.batch_sharding(mesh, len(shape)))
-             for k, (shape, dtype) in spec.items()}
-    buffer_size = pipeline.mask_buffer_size_for(config, patch)
-    step = train.jit_train_step(config, models, tx, buffer_size, mesh, shardings,
-                                {k: len(shape) for k, (shape, _) in spec.items()})
+    try:
+        s = setup.setup(config, devices)
+    except config_check.ConfigError as e:
+        if str(e).startswith("config.mesh:"):
+            raise AotError(f"config.mesh does not fit --topology={topo.name} ({len(devices)} "
+                           f"chips): {str(e)[len('config.mesh: '):]}") from None
+        if str(e).startswith("config.batch_size="):
+            raise AotError(str(e)) from None
+        raise AotError(f"bad config: {e}") from None
+    config, mesh, shardings = s.config, s.mesh, s.shardings
+    shapes = s.abstract_state
+    state, batch = setup.abstract_state(s), setup.abstract_batch(s)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = step.lower(state, batch)
+        lowered = s.step.lower(state, batch)
         try:
             compiled, oom = lowered.compile(), None
         except Exception as e:  # noqa: BLE001 - XLA:TPU refuses programs over HBM
@@ -216,7 +103,7 @@ def compile_step(config, topo: Topology) -> dict[str, Any]:
     cost = {} if compiled is None else compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
-    parts = flops.dino_step_flops(config, buffer_size)
+    parts = s.objective.flops(config)
     model_flops = parts["total"]
     report: dict[str, Any] = {
         "topology": topo.name, "platform": topo.platform, "generation": topo.generation,
@@ -224,7 +111,8 @@ def compile_step(config, topo: Topology) -> dict[str, Any]:
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "variant": config.model.variant, "batch_size": int(config.batch_size),
         "dtype": config.model.dtype, "remat": bool(config.model.remat),
-        "scan_layers": bool(config.model.scan_layers), "attention": config.model.attention,
+        "scan_layers": bool(config.model.get("scan_layers", False)),
+        "attention": config.model.attention,
         "compile_s": compile_s, "compile_error": oom.splitlines()[0] if oom else None,
         "memory_bytes": memory,
         "state_bytes": {"per_chip": dev0_state, "total": total_state,
@@ -237,9 +125,10 @@ def compile_step(config, topo: Topology) -> dict[str, Any]:
         "xla_optimal_seconds": float(cost["optimal_seconds"]) if "optimal_seconds" in cost
         else None,
         "model_flops_per_step": model_flops,
-        "model_flops_student_backbone": parts["student_backbone"],
+        "objective": s.objective.name,
+        "model_flops_backbone": parts["backbone"],
         # scan: XLA's FLOPs and bytes count each scanned layer loop's body once (see _estimate)
-        "xla_cost_counts_scan_body_once": bool(config.model.scan_layers),
+        "xla_cost_counts_scan_body_once": bool(config.model.get("scan_layers", False)),
     }
     report.update(_estimate(report, topo, len(devices)))
     report.update(_fits(report))
@@ -312,7 +201,7 @@ def _estimate(r: dict[str, Any], topo: Topology, n_chips: int) -> dict[str, Any]
         return out
     ideal = n_chips * chip.peak_flops
     if r["scan_layers"]:
-        work = r["model_flops_per_step"] + (r["model_flops_student_backbone"] / 3
+        work = r["model_flops_per_step"] + (r["model_flops_backbone"] / 3
                                             if r["remat"] else 0.0)
         compute_s = work / ideal
         # bytes of one layer per loop: a lower bound of the HBM time, as compute_s is of
@@ -404,29 +293,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         topo = parse_topology(name)
-    except AotError as e:
+    except TopologyError as e:
         print(f"cfm.aot: {e}", file=sys.stderr)
         return 2
     prepare_environment(topo)  # before the config file imports jax
 
+    # absl and ml_collections only now: the config file may import jax (module docstring)
     from absl import flags
-    from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    saved, sys.argv = sys.argv, argv  # config_flags finds --config.key overrides in sys.argv
-    try:
-        config_flags.DEFINE_config_file("config", None, "configs/<file>.py:<arg>",
-                                        flag_values=fv, lock_config=True)
+    from cfm import config_loader
+
+    def define(fv: flags.FlagValues) -> None:
         flags.DEFINE_string("topology", None, f"e.g. {EXAMPLES}", flag_values=fv)
         flags.DEFINE_string("json", None, "also write the figures to this JSON file",
                             flag_values=fv)
-        fv(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"cfm.aot: bad command line: {msg}", file=sys.stderr)
+
+    try:
+        fv = config_loader.parse_command_line(argv, define)
+    except config_loader.CommandLineError as e:
+        print(f"cfm.aot: bad command line: {e}", file=sys.stderr)
         return 2
-    finally:
-        sys.argv = saved
     if fv.config is None:
         print("cfm.aot: --config configs/<file>.py:<arg> is required", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""Checks a DINO config before any work starts; every error names the offending key.
+"""Checks a pretraining config's values before any work starts (DINOv2: `validate_dino`; masked
+gene modelling: `validate_mgm`); every error names the offending key. Nothing here changes a
+config: what comes from the data is filled in by the objective's `prepare_config`.
 
 Unknown keys on the command line are rejected by ml_collections' config flags themselves
 (`--config.modle.variant=...` fails with the key in the message); this module checks values.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cfm.models import vit
+from cfm.models import omics, vit
 
 
 class ConfigError(ValueError):
@@ -91,13 +93,9 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
            g("optim.warmup_epochs"), f"longer than the run ({g('epochs')} epochs)")
 
 
-def validate_mgm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check a masked-gene-modelling config (configs/omics_mgm.py); return a copy whose
-    model.vocab_size and model.n_bins (-1 = from the data) are filled from the data, so the
-    checkpointed config builds the same model without the data."""
-    from cfm.data import omics_pipeline
-    from cfm.models import omics
-
+def validate_mgm(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for the first value of a masked-gene-modelling config
+    (configs/omics_mgm.py) that cannot work."""
     g = lambda k: _get(config, k)  # noqa: E731
     for k in ["batch_size", "steps_per_epoch", "epochs", "log_every", "checkpoint_every",
               "keep_checkpoints", "data.max_tokens"]:
@@ -140,13 +138,3 @@ def validate_mgm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if g("data.source") == "prepared":
         _check(bool(g("data.path")), "data.path", g("data.path"),
                "set the folder written by python -m data_prep.prepare_omics")
-    try:
-        vocab, n_bins = omics_pipeline.data_sizes(config.data)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"config.data.path={g('data.path')!r}: {e}") from None
-    for key, found in (("model.vocab_size", vocab), ("model.n_bins", n_bins)):
-        _check(g(key) in (-1, found), key, g(key), f"the data has {found}; use -1 or {found}")
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.model.vocab_size, config.model.n_bins = vocab, n_bins
-    return config

@@ -1,16 +1,18 @@
-"""Analytic model FLOPs of a DINOv2 training step (matmuls only, 2 FLOPs per multiply-add).
+"""Analytic model FLOPs of a training step (matmuls only, 2 FLOPs per multiply-add): DINOv2 and
+masked gene modelling; each objective's `flops` field (`cfm.ssl.objective`) calls its function.
 
-Used by the benchmark (against XLA's cost analysis, to catch wasted compute) and for MFU. The
-count: student forward + backward on every crop (backward = 2x forward, except the patch
-embedding, whose input needs no gradient: 1x), teacher forward on the global crops only, and the
-heads on exactly the rows the step feeds them (CLS rows and the fixed-size masked-token buffer).
+Used by the benchmarks (against XLA's cost analysis, to catch wasted compute) and by `cfm.aot`
+for MFU. The DINOv2 count: student forward + backward on every crop (backward = 2x forward,
+except the patch embedding, whose input needs no gradient: 1x), teacher forward on the global
+crops only, and the heads on exactly the rows the step feeds them (CLS rows and the fixed-size
+masked-token buffer).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from cfm.models import vit
+from cfm.models import omics, vit
 
 
 def vit_forward_flops(variant: str, crop: int, num_registers: int = 0, ffn: str = "mlp"
@@ -56,13 +58,12 @@ def dino_step_flops(config: ml_collections.ConfigDict, buffer_size: int) -> dict
     return parts
 
 
-def omics_step_flops(config: ml_collections.ConfigDict, tokens: int) -> float:
+def omics_step_flops(config: ml_collections.ConfigDict, tokens: int) -> dict[str, float]:
     """Analytic FLOPs of one masked-gene-modelling step (forward + 2x backward) for
     `config.batch_size` samples of `tokens` tokens each (plus CLS; the blocks see at most
-    `model.attend_tokens` of them): blocks, the continuous value encoder and the MGM head on
-    every token (embedding lookups and the gene-value products count 0)."""
-    from cfm.models import omics
-
+    `model.attend_tokens` of them), by part: the backbone (blocks and the continuous value
+    encoder), the MGM head on every token, and their total (embedding lookups and the
+    gene-value products count 0)."""
     s = omics.spec(config.model.variant)
     attend = config.model.get("attend_tokens", 0)
     d, t = s.width, (min(attend, tokens) if attend else tokens) + 1  # tokens in the blocks
@@ -73,4 +74,7 @@ def omics_step_flops(config: ml_collections.ConfigDict, tokens: int) -> float:
     head = 2.0 * tokens * d * d + 2.0 * tokens * d * (n_expr + 2 + 5)
     if config.mgm.get("sample_readout", False):  # W cls, then one dot product per token
         head += 2.0 * d * d + 2.0 * tokens * d
-    return 3.0 * config.batch_size * (s.depth * (attn + mlp) + value + head)
+    per_sample = 3.0 * config.batch_size
+    parts = {"backbone": per_sample * (s.depth * (attn + mlp) + value), "head": per_sample * head}
+    parts["total"] = parts["backbone"] + parts["head"]
+    return parts

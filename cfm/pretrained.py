@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from cfm.models.backbone import abstract_params, architecture, build_backbone
+
 CONFIG_FILE = "config.json"
 ORBAX_DIR = "params"  # an orbax export's PyTree checkpoint folder
 WEIGHTS_FILE = "model.safetensors"  # a safetensors or timm export's weights
@@ -35,94 +37,7 @@ class Pretrained(NamedTuple):
     step: int  # training step of the checkpoint
 
 
-# ============================================================================ architecture ====
-def architecture(model_cfg: Any) -> dict:
-    """The released backbone's architecture (config.json "architecture") from `config.model`
-    of a training config (a ConfigDict or dict)."""
-    from cfm.models import omics, vit
-
-    m = dict(model_cfg)
-    if m["variant"] in omics.VARIANTS:
-        o = omics.spec(m["variant"])
-        return {
-            "family": "omics", "variant": m["variant"], "width": o.width, "depth": o.depth,
-            "heads": o.heads, "mlp_hidden": o.mlp_dim, "vocab_size": int(m["vocab_size"]),
-            "n_bins": int(m["n_bins"]), "value_encoding": m.get("value_encoding", "continuous"),
-            "gene_values": bool(m.get("gene_values", False)),
-            "attend_tokens": int(m.get("attend_tokens", 0)),
-            "layerscale": float(m.get("layerscale_init", 0.0)),
-            "tokens": "gene-id + value + modality embeddings per token, a learned CLS token; "
-                      "gene ids index vocab.tsv (0 padding), modalities expression, mutation, "
-                      "cnv; no position embeddings",
-            "output": "dict(cls [B, D], tokens [B, L, D]) after the final norm",
-        }
-    s = vit.spec(m["variant"])
-    ffn = m.get("ffn", "mlp")
-    return {
-        "family": "vit", "variant": m["variant"], "width": s.width, "depth": s.depth,
-        "heads": s.heads, "patch": s.patch,
-        "mlp_hidden": s.mlp_dim if ffn == "mlp" else vit.swiglu_hidden(s.mlp_dim),
-        "num_registers": int(m.get("num_registers", 0)), "layerscale": float(
-            m.get("layerscale_init", 0.0)), "ffn": ffn, "img_size": int(m["img_size"]),
-        "qkv_bias": bool(m.get("qkv_bias", True)), "class_token": True,
-        "norm": "layernorm, eps 1e-6", "activation": "gelu (exact)" if ffn == "mlp" else "silu",
-        "pos_embed": "learned, 1 + (img_size/patch)^2 rows: row 0 added to CLS, the rest to the "
-                     "patches, none to registers; resampled bicubically for other sizes",
-        "output": "dict(cls [B, D], registers [B, R, D], patch [B, N, D]) after the final norm",
-    }
-
-
-def build_backbone(arch: dict, dtype: Any = None, **overrides: Any):
-    """A `cfm.models.vit.ViT` for `arch` (as `architecture` returns), per-block layout, no drop
-    path; `dtype` is the compute dtype (default float32), `overrides` any other ViT field
-    (drop_path_rate, remat, attention, ...) for fine-tuning."""
-    import jax.numpy as jnp
-
-    from cfm.models import omics, vit
-
-    if arch.get("family") == "omics":
-        kw = dict(variant=arch["variant"], vocab_size=arch["vocab_size"], n_bins=arch["n_bins"],
-                  value_encoding=arch["value_encoding"], layerscale_init=arch["layerscale"],
-                  gene_values=arch.get("gene_values", False),
-                  attend_tokens=arch.get("attend_tokens", 0),
-                  drop_path_rate=0.0, dtype=jnp.dtype(dtype or jnp.float32), remat=False)
-        kw.update(overrides)
-        return omics.OmicsTransformer(**kw)
-    s = vit.spec(arch["variant"])
-    stored = (arch["width"], arch["depth"], arch["heads"], arch["patch"])
-    if stored != (s.width, s.depth, s.heads, s.patch):
-        raise CheckpointError(f"architecture {arch['variant']}: width/depth/heads/patch {stored} "
-                              f"differ from cfm's table {(s.width, s.depth, s.heads, s.patch)}")
-    kw = dict(variant=arch["variant"], img_size=arch["img_size"],
-              num_registers=arch["num_registers"], layerscale_init=arch["layerscale"],
-              drop_path_rate=0.0, ffn=arch["ffn"], qkv_bias=arch["qkv_bias"],
-              dtype=jnp.dtype(dtype or jnp.float32), remat=False, scan_layers=False)
-    kw.update(overrides)
-    return vit.ViT(**kw)
-
-
-def abstract_params(arch: dict, scan_layers: bool = False) -> dict:
-    """Shapes and dtypes (jax.ShapeDtypeStruct) of the backbone parameters, mask token included,
-    in the per-block (or, with `scan_layers`, the stacked `blocks`) layout."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    if arch.get("family") == "omics":
-        module = build_backbone(arch)
-        t = jnp.zeros((1, 4), jnp.int32)
-        shapes = jax.eval_shape(lambda r: module.init(
-            r, t, t, t.astype(jnp.float32), t, value_mask=t.astype(bool)), jax.random.key(0))
-        return nn.meta.unbox(shapes["params"])
-    module = build_backbone(arch, scan_layers=scan_layers)
-    g = arch["img_size"] - arch["img_size"] % arch["patch"]
-    n = (g // arch["patch"]) ** 2
-    shapes = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, g, g, 3)),
-                                                  masks=jnp.zeros((1, n), bool)),
-                            jax.random.key(0))
-    return nn.meta.unbox(shapes["params"])
-
-
+# ============================================================================ trees ===========
 def unstack_blocks(params: dict, depth: int) -> dict:
     """`nn.scan` layout (`blocks`, leaves with a leading depth axis) -> block_0 ... block_{d-1}."""
     if "blocks" not in params:
@@ -150,7 +65,6 @@ def check_params(params: dict, arch: dict, where: str) -> None:
             raise CheckpointError(f"{where}: {k} holds NaN or inf values")
 
 
-# ============================================================================ trees ===========
 def map_dict(fn: Any, tree: dict) -> dict:
     """`fn` on every leaf of a nested dict (orbax metadata trees are not jax pytrees)."""
     return {k: map_dict(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}

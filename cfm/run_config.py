@@ -14,13 +14,16 @@ def add_run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.mesh.slices = 1  # TPU slices (multi-slice over DCN) or hosts the data axis spans
 
-    # Logical axis -> mesh axes (cfm.parallel.sharding): data parallel over data x fsdp, FSDP on
-    # every weight's embed axis, tensor parallelism on heads, MLP units and prototypes.
+    # Logical axis -> mesh axes (cfm.parallel.sharding): batches (act_batch) over data x fsdp,
+    # FSDP on every weight's embed axis, tensor parallelism on heads, MLP units and prototypes.
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = sharding.DEFAULT_RULES
-    # Parameters with fewer elements stay replicated. 2**10 (with fsdp on every parameter's
-    # longest divisible axis, cfm.parallel.sharding) keeps ViT-g/14's per-chip state within 4%
-    # of total / 256 under fsdp=256; 2**16 left it 27% over (benchmarks/scaling.py).
+    # ZeRO-3 for what the rules leave whole: every parameter without this mesh axis gets it on
+    # its longest evenly divisible dimension ('' : off, such parameters stay replicated).
+    c.sharding.zero3_axis = "fsdp"
+    # Parameters with fewer elements stay replicated. 2**10 (with zero3_axis=fsdp) keeps
+    # ViT-g/14's per-chip state within 4% of total / 256 under fsdp=256; 2**16 left it 27% over
+    # (benchmarks/scaling.py).
     c.sharding.min_shard_size = 2 ** 10
 
     c.log_every = 10

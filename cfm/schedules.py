@@ -1,6 +1,7 @@
 """Per-step schedules of the DINOv2 recipe (Oquab et al. 2023; facebookresearch/dinov2
 `ssl_default_config.yaml`), all as jnp functions of the integer step so they live in the jitted
-train step. Epochs are `steps_per_epoch` iterations (DINOv2's OFFICIAL_EPOCH_LENGTH).
+train step; masked gene modelling uses the optimiser's, DINOv2 also the teacher's. Epochs are
+`steps_per_epoch` iterations (DINOv2's OFFICIAL_EPOCH_LENGTH).
 
 - learning rate: linear warmup from 0 over `warmup_epochs`, then cosine to `min_lr`;
   peak = base_lr * sqrt(batch / 1024) ("sqrt_wrt_1024" scaling rule);
@@ -78,11 +79,9 @@ def last_layer_trainable(config: ml_collections.ConfigDict, step):
     return (jnp.asarray(step) >= frozen).astype(jnp.float32)
 
 
-def all_schedules(config: ml_collections.ConfigDict, step) -> dict:
-    """Every schedule's value at `step`; the teacher's only for DINOv2 configs."""
-    out = {"lr": learning_rate(config, step), "wd": weight_decay(config, step),
-           "last_layer": last_layer_trainable(config, step)}
-    if config.get("objective", "dinov2") == "dinov2":
-        out["momentum"] = teacher_momentum(config, step)
-        out["teacher_temp"] = teacher_temperature(config, step)
-    return out
+def optimizer_schedules(config: ml_collections.ConfigDict, step) -> dict:
+    """The optimiser's schedule values at `step` (lr, weight decay, last-layer freeze), shared
+    by every objective; an objective adds its own (`Objective.step_schedules`: DINOv2's teacher
+    momentum and temperature)."""
+    return {"lr": learning_rate(config, step), "wd": weight_decay(config, step),
+            "last_layer": last_layer_trainable(config, step)}

@@ -15,13 +15,16 @@ launcher prints it to stderr and exits with status 2 before it creates or starts
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
 import subprocess
 import sys
 from typing import Sequence
+
+import ml_collections
+
+from cfm import config_loader
 
 PLACEHOLDERS = ("{shard_index}", "{num_shards}")
 
@@ -92,35 +95,36 @@ def job_flag(job: Sequence[str], flag: str) -> str | None:
     return _flag_value(job, flag)
 
 
-def load_job_config(job: Sequence[str]):
-    """The ConfigDict of the job's `--config FILE:ARG` (the file imported by path, relative to
-    the current directory, and `get_config(ARG)` called, as cfm.train does), or None when the
-    job has no --config. Overrides are not applied: see `job_config_int`."""
+def _config_overrides(job: Sequence[str]) -> list[str]:
+    """The job's `--config.key=value` / `--config.key value` arguments, as `--config.key=value`."""
+    out = []
+    for i, arg in enumerate(job):
+        if arg.startswith("--config.") and "=" in arg:
+            out.append(arg)
+        elif arg.startswith("--config.") and i + 1 < len(job):
+            out.append(f"{arg}={job[i + 1]}")
+    return out
+
+
+def load_job_config(job: Sequence[str]) -> ml_collections.ConfigDict | None:
+    """The ConfigDict the job will run with: its `--config FILE:ARG` (the file imported by path,
+    relative to the current directory) with the job's `--config.key=value` overrides applied,
+    exactly as cfm.train parses them (`cfm.config_loader`); None when the job has no --config."""
     spec = _flag_value(job, "--config")
     if spec is None:
         return None
-    path, _, arg = spec.partition(":")
+    path = spec.partition(":")[0]
     if not os.path.isfile(path):
         raise LaunchError(f"--config {spec}: no config file {path!r} (paths are relative to "
                           f"{os.getcwd()}; run the launcher from the cfm checkout)")
     try:
-        module_spec = importlib.util.spec_from_file_location("_launch_config", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # a config file can raise anything (unknown preset: ValueError)
+        return config_loader.load_config(spec, _config_overrides(job))
+    except config_loader.CommandLineError as e:
         raise LaunchError(f"--config {spec}: cannot build the config: {e}") from None
 
 
-def job_config_int(job: Sequence[str], config, key: str) -> int | None:
-    """config.<key> (dotted) as the job will see it: a `--config.<key>=N` override in the job
-    command, else the config's value; None when the config has no such key."""
-    override = _flag_value(job, f"--config.{key}")
-    if override is not None:
-        try:
-            return int(override)
-        except ValueError:
-            raise LaunchError(f"--config.{key}={override!r} is not an integer") from None
+def config_int(config: ml_collections.ConfigDict, key: str) -> int | None:
+    """config.<key> (dotted) as an integer; None when the config has no such key."""
     node = config
     for part in key.split("."):
         if node is None or part not in node:
@@ -144,7 +148,7 @@ def check_batch(job: Sequence[str], n_devices: int, where: str):
     config = load_job_config(job)
     if config is None:
         return None
-    batch = job_config_int(job, config, "batch_size")
+    batch = config_int(config, "batch_size")
     if batch is not None and batch % n_devices:
         raise LaunchError(
             f"batch size {batch} (config.batch_size) does not divide over the {n_devices} "

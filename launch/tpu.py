@@ -182,7 +182,7 @@ def validate(args: argparse.Namespace, job: list[str] | None) -> tuple[str, Slic
     where = f"{args.num_slices} x {args.topology} ({sl.chips * args.num_slices} chips)"
     config = common.check_batch(job, sl.chips * args.num_slices, where)
     if config is not None and args.num_slices > 1:
-        slices = common.job_config_int(job, config, "mesh.slices")
+        slices = common.config_int(config, "mesh.slices")
         if slices != args.num_slices:
             raise common.LaunchError(
                 f"config.mesh.slices is {slices} for a {args.num_slices}-slice job: add "

@@ -62,14 +62,14 @@ def test_weight_decay_mask(cfg):
 def test_update_matches_adamw_formula_and_freezes_prototypes(cfg):
     cfg.optim.clip_grad = 0.0
     p = _params()
-    tx = optim.dinov2_adamw(cfg, p, depth=2)
+    tx = optim.adamw(cfg, p, depth=2)
     state = tx.init(p)
     g = jax.tree.map(lambda x: jnp.full_like(x, 0.5), p)
     step = 13  # inside warmup (1 epoch of 10 steps) is over: lr ~ peak; freeze epoch is over too
     state = state._replace(count=jnp.int32(step))
     upd, _ = tx.update(g, state, p)
     from cfm import schedules
-    s = schedules.all_schedules(cfg, step)
+    s = schedules.optimizer_schedules(cfg, step)
     # first Adam step with bias correction: adam(g) = g/|g| = 1 (eps aside)
     expect = -s["lr"] * 0.5 * (1.0 + s["wd"] * 1.0)  # block_1 kernel: lr_mult 0.5, decayed
     assert float(upd["backbone"]["block_1"]["mlp"]["fc1"]["kernel"][0, 0]) == pytest.approx(
@@ -84,7 +84,7 @@ def test_update_matches_adamw_formula_and_freezes_prototypes(cfg):
 def test_clipping_is_per_module(cfg):
     cfg.optim.clip_grad = 1.0
     p = _params()
-    tx = optim.dinov2_adamw(cfg, p, depth=2)
+    tx = optim.adamw(cfg, p, depth=2)
     # huge backbone gradient must not shrink the head's gradient (clipped separately)
     g = jax.tree.map(jnp.zeros_like, p)
     g["backbone"]["norm"]["scale"] = jnp.full_like(g["backbone"]["norm"]["scale"], 1e6)

@@ -1,9 +1,10 @@
 """Device mesh from config and the logical-axis rules that map parameter names onto it.
 
 Mesh axes are `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and
-optimiser state) and `tensor` (attention heads and MLP hidden units split). The batch is split
-over `data` and `fsdp` together; `cfm.parallel.sharding` holds the rules that place parameters
-and activations. This module is the one place that builds meshes.
+optimiser state) and `tensor` (attention heads and MLP hidden units split). Where parameters,
+activations and batches go is decided by the logical-axis rules of `cfm.parallel.sharding`
+(by default the batch is split over `data` and `fsdp` together). This module is the one place
+that builds meshes.
 
 Multi-slice TPU jobs (and GPU clusters, where a host is the slow-network unit) set
 `mesh.slices=S`: the `data` axis is then S slices x (data / S) devices, slices talk over the
@@ -86,11 +87,6 @@ def hybrid_device_array(shape: Sequence[int], slices: int, devices: Sequence) ->
     except Exception:  # no physical topology (CPU): slice blocks in device order
         arr = np.concatenate([np.asarray(groups[k]).reshape(ici) for k in sorted(groups)])
     return arr
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading axis split over data and fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,10 +1,13 @@
 """The DINOv2 objective (Oquab et al. 2023): DINO on CLS tokens + iBOT on masked patches + KoLeo
 (or KDE), with an EMA teacher whose outputs are centred by softmax-centering or Sinkhorn-Knopp.
 
-This module wires backbone and heads (passed in as Flax modules) to the losses in
-`cfm.ssl.losses` and `cfm.ssl.centering`; it knows nothing of files, meshes or optimisers.
-Every statistic (centering, Sinkhorn-Knopp, KoLeo neighbours, masked-token buffer) is taken over
-the global batch, so a sharded step computes what a 1-device step computes.
+This module wires backbone and heads (Flax modules) to the losses in `cfm.ssl.losses` and
+`cfm.ssl.centering`, and ends with `OBJECTIVE`, what the trainer needs of DINOv2
+(`cfm.ssl.objective`). It knows nothing of files or optimisers; of the mesh it reads only how
+many ways the active sharding rules split the batch (`act_batch`), to pad the masked-token
+buffer to whole rows per device. Every statistic (centering, Sinkhorn-Knopp, KoLeo neighbours,
+masked-token buffer) is taken over the global batch, so a sharded step computes what a
+1-device step computes.
 
 Crop layout: batches are image-major: global crops [B, 2, G, G, 3] (uint8), local crops
 [B, n_local, L, L, 3], masks [B, 2, N]. They are flattened to [B*2, ...] (row 2i+c is crop c of
@@ -14,13 +17,20 @@ image i), which keeps every image's crops on the device that loaded it.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cfm import config_check, flops, schedules
+from cfm.data import pipeline
+from cfm.models import backbone as backbone_lib
+from cfm.models import heads, vit
+from cfm.parallel import sharding
 from cfm.ssl import centering, losses
+from cfm.ssl.objective import Objective
 
 
 def normalise(images: jax.Array, mean, std) -> jax.Array:
@@ -36,9 +46,11 @@ def _mesh_sizes() -> dict[str, int]:
 
 
 def _batch_shards() -> int:
-    """How many ways the batch is split on the current mesh (data x fsdp); 1 outside a mesh."""
+    """How many ways the active rules' `act_batch` axes split the batch on the current mesh;
+    1 outside a mesh or without rules."""
     sizes = _mesh_sizes()
-    return math.prod(sizes.get(a, 1) for a in ("data", "fsdp"))
+    axes = sharding.batch_axes(nn.get_logical_axis_rules())
+    return math.prod(sizes.get(a, 1) for a in axes)
 
 
 def _buffer_rows(x: jax.Array) -> jax.Array:
@@ -79,7 +91,7 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head:
     """Total loss and (metrics, new centers) for one global batch.
 
     buffer_size: static upper bound on masked patches in the batch (DINOv2's `upperbound`);
-    sched: the step's schedule values (`cfm.schedules.all_schedules`).
+    sched: the step's schedule values (`cfm.schedules.optimizer_schedules` and `step_schedules`).
     """
     aug = config.augment
     gl = batch["global_crops"]
@@ -155,3 +167,100 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head:
     if config.ssl.regulariser == "none":
         metrics.pop("none")
     return total, {"metrics": metrics, "centers": new_centers}
+
+
+# ============================================================================ objective ======
+class Models(NamedTuple):
+    backbone: nn.Module  # cfm.models.vit.ViT
+    dino_head: nn.Module
+    ibot_head: nn.Module | None  # None when iBOT shares the DINO head
+
+
+def build_models(config: ml_collections.ConfigDict) -> Models:
+    h = config.head
+    dtype = jnp.dtype(config.model.dtype)
+    make_head = lambda: heads.DINOHead(h.n_prototypes, h.hidden_dim, h.bottleneck_dim,  # noqa
+                                       h.n_layers, dtype)
+    return Models(backbone_lib.from_config(config.model), make_head(),
+                  make_head() if config.ibot.separate_head else None)
+
+
+def init_params(config: ml_collections.ConfigDict, models: Models, rng: jax.Array) -> dict:
+    """Boxed student parameters {backbone, dino_head[, ibot_head]}."""
+    s = vit.spec(config.model.variant)
+    g = config.crops.global_size
+    n = (g // s.patch) ** 2
+    r1, r2, r3 = jax.random.split(rng, 3)
+    params = {"backbone": models.backbone.init(
+        r1, jnp.zeros((1, g, g, 3)), masks=jnp.zeros((1, n), bool))["params"]}
+    feat = jnp.zeros((1, s.width))
+    params["dino_head"] = models.dino_head.init(r2, feat)["params"]
+    if models.ibot_head is not None:
+        params["ibot_head"] = models.ibot_head.init(r3, feat)["params"]
+    return params
+
+
+def init_extra(config: ml_collections.ConfigDict, params: dict) -> tuple[dict, dict]:
+    """The teacher starts as a copy of the student; the centering buffers at zero."""
+    k = config.head.n_prototypes
+    return jax.tree.map(jnp.copy, params), {"dino": jnp.zeros((k,)), "ibot": jnp.zeros((k,))}
+
+
+def buffer_size(config: ml_collections.ConfigDict) -> int:
+    """Static size of the masked-token buffer (`cfm.data.pipeline.mask_buffer_size_for`)."""
+    return pipeline.mask_buffer_size_for(config, vit.spec(config.model.variant).patch)
+
+
+def step_schedules(config: ml_collections.ConfigDict, step) -> dict:
+    """The teacher's schedules at `step` (cfm.schedules): EMA momentum and temperature."""
+    return {"momentum": schedules.teacher_momentum(config, step),
+            "teacher_temp": schedules.teacher_temperature(config, step)}
+
+
+def loss(config: ml_collections.ConfigDict, models: Models, params: dict, state, batch: dict,
+         sched: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """`objective` with the teacher and centers of `state`."""
+    return objective(config, models.backbone, models.dino_head, models.ibot_head,
+                     buffer_size(config), params, state.teacher, state.centers, batch, sched, rng)
+
+
+def after_update(config: ml_collections.ConfigDict, state, aux: dict, sched: dict):
+    """EMA teacher update with the step's momentum; the new centering buffers."""
+    m = sched["momentum"]
+    teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, state.teacher, state.params)
+    return (state.replace(teacher=teacher, centers=aux["centers"]),
+            {"momentum": m, "teacher_temp": sched["teacher_temp"]})
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Global batch shapes and dtypes (`cfm.data.pipeline`'s batches, all processes')."""
+    b, c = int(config.batch_size), config.crops
+    g, n_loc = int(c.global_size), int(c.n_local)
+    patch = vit.spec(config.model.variant).patch
+    return {"global_crops": ((b, 2, g, g, 3), "uint8"),
+            "local_crops": ((b, n_loc, int(c.local_size), int(c.local_size), 3), "uint8"),
+            "masks": ((b, 2, (g // patch) ** 2), "bool")}
+
+
+def batches(config: ml_collections.ConfigDict, start_step: int, process_index: int,
+            process_count: int):
+    return pipeline.make_train_iterator(
+        config, patch_size=vit.spec(config.model.variant).patch, process_index=process_index,
+        process_count=process_count, start_step=start_step)
+
+
+def step_flops(config: ml_collections.ConfigDict) -> dict[str, float]:
+    parts = flops.dino_step_flops(config, buffer_size(config))
+    return dict(parts, backbone=parts["student_backbone"])
+
+
+def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config_check.validate_dino(config)
+    return config
+
+
+OBJECTIVE = Objective(
+    name="dinov2", unit="images", prepare_config=_validate, build_models=build_models,
+    init_params=init_params, init_extra=init_extra, step_schedules=step_schedules, loss=loss,
+    after_update=after_update, batch_spec=batch_spec, batches=batches, flops=step_flops,
+    depth=lambda config: vit.spec(config.model.variant).depth, export_tree="teacher")

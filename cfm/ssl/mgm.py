@@ -10,11 +10,14 @@ weighted sum. Gene ids and modalities stay visible: the model is asked for a gen
 Masks are drawn on device from the step's key (`jax.random`), Bernoulli(`mask_ratio`) per real
 token, so a sharded step draws what a 1-device step draws.
 
-This module wires the backbone and head (Flax modules, passed in) to the losses; it knows
-nothing of files, meshes or optimisers.
+This module wires the backbone and head (Flax modules) to the losses and ends with
+`OBJECTIVE`, what the trainer needs of masked gene modelling (`cfm.ssl.objective`): one network,
+no teacher, no centering buffers. It knows nothing of files, meshes or optimisers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,7 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cfm import config_check, flops
+from cfm.data import omics_pipeline
 from cfm.data.omics_records import MODALITIES, PAD_ID
+from cfm.models import backbone as backbone_lib
+from cfm.models import omics
+from cfm.ssl.objective import Objective
 
 EXPRESSION, MUTATION, CNV = (MODALITIES.index(m) for m in ("expression", "mutation", "cnv"))
 INPUT_KEYS = ("gene_ids", "modality", "values", "classes")
@@ -80,3 +88,76 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, head: nn.M
                "mutation_acc": mut_acc, "cnv_acc": cnv_acc,
                "masked_tokens": (n_e + n_m + n_c).astype(jnp.float32)}
     return total, {"metrics": metrics}
+
+
+# ============================================================================ objective ======
+class Models(NamedTuple):
+    backbone: nn.Module  # cfm.models.omics.OmicsTransformer
+    mgm_head: nn.Module
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check the config (`config_check.validate_mgm`) and return a copy whose model.vocab_size
+    and model.n_bins (-1 = from the data) are filled from the data, so the checkpointed config
+    builds the same model without the data."""
+    config_check.validate_mgm(config)
+    try:
+        vocab, n_bins = omics_pipeline.data_sizes(config.data)
+    except (OSError, ValueError, KeyError) as e:
+        raise config_check.ConfigError(f"config.data.path={config.data.path!r}: {e}") from None
+    for key, have, found in (("model.vocab_size", config.model.vocab_size, vocab),
+                             ("model.n_bins", config.model.n_bins, n_bins)):
+        if have not in (-1, found):
+            raise config_check.ConfigError(f"config.{key}={have!r}: the data has {found}; use "
+                                           f"-1 or {found}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.vocab_size, config.model.n_bins = vocab, n_bins
+    return config
+
+
+def build_models(config: ml_collections.ConfigDict) -> Models:
+    m = config.model
+    return Models(backbone_lib.from_config(m),
+                  omics.MGMHead(m.n_bins, config.mgm.expression_loss, jnp.dtype(m.dtype),
+                                m.vocab_size, config.mgm.get("sample_readout", False)))
+
+
+def init_params(config: ml_collections.ConfigDict, models: Models, rng: jax.Array) -> dict:
+    """Boxed parameters {backbone, mgm_head}."""
+    r1, r2 = jax.random.split(rng)
+    t = jnp.zeros((1, 4), jnp.int32)
+    backbone = models.backbone.init(r1, t, t, t.astype(jnp.float32), t,
+                                    value_mask=t.astype(bool))["params"]
+    width = omics.spec(config.model.variant).width
+    return {"backbone": backbone,
+            "mgm_head": models.mgm_head.init(r2, jnp.zeros((1, 4, width)),
+                                             jnp.zeros((1, width)), t)["params"]}
+
+
+def loss(config: ml_collections.ConfigDict, models: Models, params: dict, state, batch: dict,
+         sched: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    return objective(config, models.backbone, models.mgm_head, params, batch, rng)
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Global batch shapes and dtypes (`cfm.data.omics_pipeline`'s padded token sets)."""
+    shape = (int(config.batch_size), int(config.data.max_tokens))
+    return {"gene_ids": (shape, "int32"), "modality": (shape, "int32"),
+            "values": (shape, "float32"), "classes": (shape, "int32")}
+
+
+def batches(config: ml_collections.ConfigDict, start_step: int, process_index: int,
+            process_count: int):
+    return omics_pipeline.make_train_iterator(config, process_index=process_index,
+                                              process_count=process_count, start_step=start_step)
+
+
+OBJECTIVE = Objective(
+    name="mgm", unit="samples", prepare_config=prepare_config, build_models=build_models,
+    init_params=init_params, init_extra=lambda config, params: ({}, {}),
+    step_schedules=lambda config, step: {}, loss=loss,
+    after_update=lambda config, state, aux, sched: (state, {}), batch_spec=batch_spec,
+    batches=batches,
+    flops=lambda config: flops.omics_step_flops(config, int(config.data.max_tokens)),
+    depth=lambda config: omics.spec(config.model.variant).depth, export_tree="params")
