@@ -6,7 +6,7 @@ stays cheap."""
 
 def __getattr__(name: str):
     if name == "load_pretrained":
-        from cfm.pretrained import load_pretrained
+        from cfm.pretrained import load_pretrained  # lazy: keeps `import cfm` free of jax
 
         return load_pretrained
     raise AttributeError(f"module 'cfm' has no attribute {name!r}")

@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from cfm.parallel.topology import (CHIPS, EXAMPLES, GiB, Topology, TopologyError,
                                    parse_topology, prepare_environment, topology_devices)
 
@@ -41,7 +43,6 @@ class AotError(Exception):
 
 def _bytes(shape, dtype) -> int:
     """Bytes of an array; a PRNG key (not a numpy dtype) is two uint32 words."""
-    import numpy as np
     try:
         return math.prod(shape) * np.dtype(dtype).itemsize
     except TypeError:
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prepare_environment(topo)  # before the config file imports jax
 
-    # absl and ml_collections only now: the config file may import jax (module docstring)
+    # after prepare_environment: the config file (and cfm.config_loader) may import jax
     from absl import flags
 
     from cfm import config_loader

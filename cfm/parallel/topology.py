@@ -88,7 +88,8 @@ def prepare_environment(topo: Topology) -> None:
 
 def topology_devices(topo: Topology) -> list:
     """The devices to compile for: compile-only TPU devices, or the first N CPU devices."""
-    import jax  # after prepare_environment (module docstring)
+    # after prepare_environment (module docstring)
+    import jax
     from jax.experimental import topologies
 
     if topo.platform == "cpu":
