@@ -169,7 +169,7 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, dino_head:
     return total, {"metrics": metrics, "centers": new_centers}
 
 
-# ============================================================================ objective ======
+# ---------------------------------------------------------------- what the trainer uses -----
 class Models(NamedTuple):
     backbone: nn.Module  # cfm.models.vit.ViT
     dino_head: nn.Module

@@ -90,7 +90,7 @@ def objective(config: ml_collections.ConfigDict, backbone: nn.Module, head: nn.M
     return total, {"metrics": metrics}
 
 
-# ============================================================================ objective ======
+# ---------------------------------------------------------------- what the trainer uses -----
 class Models(NamedTuple):
     backbone: nn.Module  # cfm.models.omics.OmicsTransformer
     mgm_head: nn.Module
