@@ -39,6 +39,13 @@ def _path(key_path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in key_path)
 
 
+def layer_decay(decay: float, layer_id: Any, depth: int) -> Any:
+    """BEiT's layer-wise lr factor `decay ** (depth + 1 - layer_id)` of a layer id (0: patch
+    embedding and tokens, i + 1: block i, depth + 1: final norm and heads) or an array of them;
+    shared by pretraining (`lr_multipliers`) and fine-tuning (cfm.finetune.tile)."""
+    return decay ** (depth + 1 - layer_id)
+
+
 def lr_multipliers(config: ml_collections.ConfigDict, params: Any, depth: int) -> Any:
     """Tree of per-parameter lr multipliers; scanned blocks get a [depth, 1, ...] array."""
     decay = config.optim.layerwise_decay
@@ -47,7 +54,7 @@ def lr_multipliers(config: ml_collections.ConfigDict, params: Any, depth: int) -
         path = _path(key_path)
         if path.startswith("backbone/blocks/"):  # scan_layers: leading axis = layer
             ids = jnp.arange(1, depth + 1, dtype=jnp.float32)
-            m = decay ** (depth + 1 - ids)
+            m = layer_decay(decay, ids, depth)
             return m.reshape((depth,) + (1,) * (leaf.ndim - 1))
         if _EMBED.search(path) and path.startswith("backbone/"):
             layer_id = 0
@@ -55,7 +62,7 @@ def lr_multipliers(config: ml_collections.ConfigDict, params: Any, depth: int) -
             layer_id = int(m.group(1)) + 1
         else:
             layer_id = depth + 1
-        value = decay ** (depth + 1 - layer_id)
+        value = layer_decay(decay, layer_id, depth)
         if "patch_embed" in path:
             value *= config.optim.patch_embed_lr_mult
         return jnp.float32(value)

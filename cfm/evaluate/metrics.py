@@ -10,6 +10,9 @@ lifelines).
   1/2; pairs with equal times are comparable only if exactly one is an event (lifelines'
   convention, so `concordance_index(time, -risk, event)` gives the same number).
 - `pearson`: Pearson r, nan when either input is constant (no warning spam).
+- `macro_auc`: ROC AUC of 2 classes, else the mean one-vs-rest AUC over the classes present.
+- `classification_metrics`: accuracy, balanced accuracy and macro AUC of class probabilities,
+  each with a 95% bootstrap interval over patients (the slide tasks' metrics).
 - `bootstrap_ci`: percentile bootstrap (Efron & Tibshirani 1993) over rows or over groups
   (patients), skipping resamples where the metric is undefined (one class, no comparable pair).
 """
@@ -180,3 +183,32 @@ def bootstrap_ci(metric: Callable[..., float], arrays: tuple, n_boot: int = 1000
         return point, float("nan"), float("nan")
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return point, float(lo), float(hi)
+
+
+def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC for 2 classes, else the mean one-vs-rest AUC over classes present in `y`."""
+    y = np.asarray(y)
+    if probs.shape[1] == 2:
+        return roc_auc(y == 1, probs[:, 1])
+    present = [c for c in range(probs.shape[1]) if 0 < (y == c).sum() < len(y)]
+    if len(present) < 2:
+        raise ValueError("macro AUC needs at least two classes in y")
+    return float(np.mean([roc_auc(y == c, probs[:, c]) for c in present]))
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, groups: np.ndarray,
+                           n_boot: int = 1000, seed: int = 0) -> dict:
+    """accuracy, balanced accuracy, AUC (macro one-vs-rest) of class probabilities `probs`
+    [N, C], each {"value", "ci95": [low, high]} with a 95% bootstrap interval resampling
+    `groups` (patients)."""
+    out = {}
+    fns = {"accuracy": lambda a, p: accuracy(a, p.argmax(1)),
+           "balanced_accuracy": lambda a, p: balanced_accuracy(a, p.argmax(1)),
+           "auc": macro_auc}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in fns.items():
+            point, lo, hi = bootstrap_ci(fn, (y, probs), n_boot=n_boot, seed=seed,
+                                         groups=groups)
+            out[name] = {"value": point, "ci95": [lo, hi]}
+    return out

@@ -2,10 +2,12 @@
 
 - `summarize_binary` / `summarize_survival`: AUC, balanced accuracy / Harrell's C with
   percentile-bootstrap 95% CIs over patients (cfm.evaluate.metrics).
-- `plot_roc`, `plot_calibration`, `plot_km`: PNGs through matplotlib's Agg backend. KM curves
+- `plot_roc`, `plot_calibration`, `plot_km`: PNGs drawn on a `matplotlib.figure.Figure` (no
+  pyplot state; saving a PNG renders with Agg, whatever the process's backend). KM curves
   split patients at the median predicted risk; the log-rank p value is lifelines'
-  `logrank_test` (imported here only).
-- `markdown_table`, `fmt_ci`: the report's tables.
+  `logrank_test`.
+- `markdown_table`, `fmt_ci`: the report's tables; `fmt_metric`: '0.712 [0.601, 0.809]' of the
+  slide tasks' {"value", "ci95"} metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+from lifelines import KaplanMeierFitter
+from lifelines.statistics import logrank_test
+from matplotlib.figure import Figure
 
 from cfm.evaluate import metrics
 
@@ -26,6 +31,12 @@ def fmt_ci(d: dict | None, digits: int = 3) -> str:
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{d['value']:.{digits}f}"
     return f"{d['value']:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def fmt_metric(m: dict) -> str:
+    """'0.712 [0.601, 0.809]' from {'value', 'ci95': [low, high]}."""
+    lo, hi = m["ci95"]
+    return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _ci(metric, arrays, n_boot, seed) -> dict:
@@ -71,17 +82,10 @@ def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return (np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)])
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_roc(curves: dict, path: str, title: str) -> None:
     """curves: name -> (y, score). One ROC line per model, AUC in the legend."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     for name, (y, s) in curves.items():
         try:
             auc = metrics.roc_auc(y, s)
@@ -94,13 +98,11 @@ def plot_roc(curves: dict, path: str, title: str) -> None:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_calibration(y: np.ndarray, prob: np.ndarray, path: str, title: str,
                      n_bins: int = 5) -> None:
     """Observed response rate against mean predicted probability in quantile bins."""
-    plt = _plt()
     y = np.asarray(y, float)
     p = np.asarray(prob, float)
     edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)))
@@ -109,27 +111,24 @@ def plot_calibration(y: np.ndarray, prob: np.ndarray, path: str, title: str,
     for b in np.unique(idx):
         xs.append(p[idx == b].mean())
         ys.append(y[idx == b].mean())
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.plot(xs, ys, "o-")
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive",
            xlim=(0, 1), ylim=(0, 1), title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_km(time: np.ndarray, event: np.ndarray, high_risk: np.ndarray, path: str,
             title: str) -> float:
     """Kaplan-Meier curves of the high / low predicted-risk groups; returns log-rank p."""
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import logrank_test
-
-    plt = _plt()
     t = np.asarray(time, float)
     e = np.asarray(event, float)
     hi = np.asarray(high_risk, bool)
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     for mask, name in ((~hi, "low risk"), (hi, "high risk")):
         if mask.any():
             KaplanMeierFitter().fit(t[mask], e[mask], label=f"{name} (n={mask.sum()})").plot(
@@ -140,11 +139,11 @@ def plot_km(time: np.ndarray, event: np.ndarray, high_risk: np.ndarray, path: st
     ax.set(xlabel="months", ylabel="survival probability", title=f"{title}\nlog-rank p={p:.3g}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return p
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table of `rows` under `header`."""
     lines = ["| " + " | ".join(map(str, header)) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]

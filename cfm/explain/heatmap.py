@@ -8,8 +8,9 @@ footprint (x, y, x + fx, y + fy in level-0 px) with a colour map and blended ove
 thumbnail; the PNG has exactly the thumbnail's shape, so it lines up pixel for pixel.
 
 Tile footprints: `data_prep.tile_wsi` places tiles on a grid whose step is the footprint, so the
-footprint is the smallest positive step between tile corners (`infer_footprint`); for a slide
-with one tile per row and column it falls back to tile_size * tile mpp / slide mpp.
+footprint is the smallest positive step between tile corners (`infer_footprint`); an axis with
+a single coordinate takes the other axis's step, and a slide with a single tile the caller's
+fallback (cfm.finetune.tme: the tiles' `tile_size`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import os
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 # Colours of the TME classes (RGB), shared by maps, legends and data_prep.synthetic_tme truth.
@@ -26,6 +32,8 @@ CLASS_COLOURS = {"tumour": (214, 39, 40), "stroma": (247, 182, 210), "immune": (
 
 
 class Thumb(NamedTuple):
+    """A slide thumbnail and where it sits in level-0 pixels."""
+
     image: np.ndarray  # uint8 [H, W, 3]
     origin: tuple[float, float]  # level-0 (x, y) of the thumbnail's top-left pixel
     scale: tuple[float, float]  # level-0 px per thumbnail px in x and y
@@ -64,7 +72,7 @@ def thumbnail_from_tiles(images: Sequence[np.ndarray], xs: Sequence[int], ys: Se
 
 def thumbnail_from_slide(path: str, max_side: int = 1024) -> Thumb:
     """The slide's thumbnail (longest side `max_side`) read with OpenSlide."""
-    import openslide
+    import openslide  # optional: openslide-python (extra "slides")
 
     with openslide.OpenSlide(path) as slide:
         w, h = slide.dimensions
@@ -108,8 +116,6 @@ def paint(thumb: Thumb, xs, ys, footprint, colours: np.ndarray, alpha: float = 0
 def value_colours(values, cmap: str = "inferno", vmin: float | None = None,
                   vmax: float | None = None) -> np.ndarray:
     """[N, 3] RGB (0-255) of `values` under a matplotlib colour map; NaN stays NaN."""
-    from matplotlib import colormaps
-
     v = np.asarray(values, np.float64)
     ok = np.isfinite(v)
     lo = np.nanmin(v[ok]) if vmin is None and ok.any() else (vmin or 0.0)
@@ -148,13 +154,8 @@ def panel_png(images: Sequence[np.ndarray], titles: Sequence[str], path: str,
               legend: dict | None = None, colorbar: tuple | None = None) -> str:
     """Side-by-side figure for reports: images with titles, an optional class legend
     ({name: rgb}) and an optional colour bar (cmap, vmin, vmax, label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4.2))
+    fig = Figure(figsize=(4 * len(images), 4.2))
+    axes = fig.subplots(1, len(images))
     axes = np.atleast_1d(axes)
     for ax, img, title in zip(axes, images, titles):
         ax.imshow(img)
@@ -165,10 +166,9 @@ def panel_png(images: Sequence[np.ndarray], titles: Sequence[str], path: str,
                                  for n, c in legend.items()], loc="lower right", fontsize=7)
     if colorbar:
         cmap, lo, hi, label = colorbar
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
+        sm = ScalarMappable(cmap=cmap, norm=Normalize(lo, hi))
         fig.colorbar(sm, ax=axes[-1], fraction=0.046, pad=0.02, label=label)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

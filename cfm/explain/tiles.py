@@ -9,11 +9,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cfm.data.sources import ShardSource
+
 
 def read_tiles(shards: str, rows: Sequence[int]) -> list[np.ndarray]:
     """uint8 RGB tiles number `rows` of the shards under `shards` (ShardSource order)."""
-    from cfm.data.sources import ShardSource
-
     source = ShardSource(shards)
     return [source.tile(int(i))[0] for i in rows]
 

@@ -4,14 +4,17 @@
 
 | task | module | what |
 |---|---|---|
-| `response` | `response.py` | multimodal fusion (omics + clinical [+ tiles]) for ICB response |
+| `response` | `response.py` | multimodal fusion (omics + clinical) for ICB response |
 | `survival` | `survival.py` | the same fusion model with a Cox / discrete-time survival head |
-| `tile` | `tile.py` | linear / MLP probes on tile embeddings |
+| `tile` | `tile.py` | linear and kNN probes on tile embeddings, full fine-tuning |
 | `mil` | `mil.py` | attention MIL on slide bags |
 | `spatial` | `spatial.py` | spatial expression prediction from tiles |
 | `tme` | `tme.py` | tumour-microenvironment maps |
 
-Task modules are imported only when chosen (each pulls its own dependencies).
+Task modules are imported only when chosen (each pulls its own dependencies). The fusion
+tasks share `fusion_data` (config checks, units, features), `losses` (heads), `fusion_train`
+(training engine), `fusion_baselines` and `fusion_report`; the slide tasks share `slide_data`
+and `probe` (linear / kNN probes).
 """
 
 from __future__ import annotations

@@ -7,11 +7,14 @@ from __future__ import annotations
 import signal
 import sys
 
+from absl import flags
+from ml_collections import config_flags
+
+from cfm import finetune
+
 
 def main(argv: list[str] | None = None) -> int:
-    from absl import flags
-    from ml_collections import config_flags
-
+    """The CLI: 0 on success, 2 on a bad command line, config or input."""
     flags_def = flags.FlagValues()
     argv = sys.argv if argv is None else argv
     saved, sys.argv = sys.argv, argv  # config_flags finds --config.key overrides in sys.argv
@@ -36,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         print("cfm.finetune: both --config configs/finetune/<task>.py:<arg> and --workdir DIR "
               "are required", file=sys.stderr)
         return 2
-    from cfm import finetune
-
     # SIGTERM (kill, a scheduler's preemption) becomes SystemExit, so the staging folder is
     # removed on the way out instead of being left next to the workdir
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -1,7 +1,8 @@
 """What every `cfm.finetune` task shares: the bad-input error, config checks, the staged
 workdir (results go to a temp folder next to the workdir and are renamed into place at the
-end, so a failed or interrupted run leaves nothing half-written and never replaces earlier
-results unless `overwrite=True`), and JSON conversion of numpy values.
+end by `cfm.atomic.atomic_folder`, so a failed or interrupted run leaves nothing half-written
+and never replaces earlier results unless `overwrite=True`), and JSON conversion of numpy
+values.
 
 A task module is `cfm.finetune.<name>` with `run(config, workdir) -> dict`; `workdir` is the
 fresh, empty staging folder. The dispatcher (`cfm.finetune.run`) writes `config.json`, and
@@ -14,11 +15,11 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator
 
 import numpy as np
+
+from cfm.atomic import atomic_folder
 
 
 class FinetuneError(ValueError):
@@ -51,6 +52,7 @@ def to_jsonable(x: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
+    """`obj` as indented JSON at `path`, numpy values converted by `to_jsonable`."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
         f.write("\n")
@@ -63,7 +65,8 @@ def workdir_has_results(workdir: str) -> bool:
 
 @contextlib.contextmanager
 def staged_workdir(workdir: str, overwrite: bool) -> Iterator[str]:
-    """Yield a fresh temp folder next to `workdir`; on success it replaces `workdir`.
+    """Yield a fresh temp folder next to `workdir`; on success it replaces `workdir`
+    (`cfm.atomic.atomic_folder`).
 
     FinetuneError before any work if `workdir` already holds something and not `overwrite`.
     On an exception the temp folder is removed and `workdir` is left as it was."""
@@ -71,18 +74,5 @@ def staged_workdir(workdir: str, overwrite: bool) -> Iterator[str]:
     if workdir_has_results(workdir) and not overwrite:
         raise FinetuneError(f"workdir {workdir} already holds results; pass "
                             "--config.overwrite=True to replace them, or choose another --workdir")
-    parent = os.path.dirname(workdir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.tmp-", dir=parent)
-    try:
+    with atomic_folder(workdir) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(workdir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.old-", dir=parent)
-        os.rename(workdir, os.path.join(old, "w"))
-    os.rename(tmp, workdir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,8 @@
-"""Losses of the patient-level heads, each with per-sample weights `w` (0 = padding row, so
-folds of different sizes share one compiled step).
+"""The patient-level heads of the fusion tasks (`response`, `survival`): their losses, each with
+per-sample weights `w` (0 = padding row, so folds of different sizes share one compiled step),
+and per head the output size, targets, loss, evaluated score and explained scalar.
+
+Heads: `binary` (response), `multiclass` (e.g. RECIST), `cox` and `nll` (survival). Losses:
 
 - `binary_ce`, `softmax_ce`: response (binary) and multi-class heads.
 - `cox_neg_log_partial_likelihood`: Cox (1972) partial likelihood with Breslow (1974) ties:
@@ -18,9 +21,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from cfm.finetune.tabular_data import TabularData
+
 EPS = 1e-7
+HEADS = ("binary", "multiclass", "cox", "nll")
+SURVIVAL_HEADS = ("cox", "nll")
 
 
 def _wmean(x: jax.Array, w: jax.Array | None) -> jax.Array:
@@ -97,3 +105,58 @@ def discrete_risk(logits: jax.Array) -> jax.Array:
     """MCAT's risk: -sum_k S_k (higher = earlier death)."""
     s = jnp.cumprod(1.0 - jax.nn.sigmoid(logits), axis=1)
     return -s.sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the heads: output size, targets, loss, evaluated score, explained scalar
+# ---------------------------------------------------------------------------------------------
+
+def n_outputs(head: str, data: TabularData, config: ml_collections.ConfigDict) -> int:
+    """Output units of the head: 1 (binary, cox), the number of classes, or survival bins."""
+    if head == "binary" or head == "cox":
+        return 1
+    if head == "multiclass":
+        return int(np.nanmax(data.label)) + 1
+    return int(config.survival.n_bins)
+
+
+def targets(data: TabularData, head: str, edges: np.ndarray | None) -> dict:
+    """Device arrays y, time, event (NaN -> 0) of every patient, plus the time bin `ybin` for
+    the nll head (inner bin `edges` from `survival_bins`)."""
+    t = {"y": np.nan_to_num(data.label).astype(np.float32),
+         "time": np.nan_to_num(data.time).astype(np.float32),
+         "event": np.nan_to_num(data.event).astype(np.float32)}
+    if head == "nll":
+        t["ybin"] = to_bins(data.time, edges).astype(np.int32)
+    return {k: jnp.asarray(v) for k, v in t.items()}
+
+
+def loss_fn(head: str, out: jax.Array, tgt: dict, w: jax.Array, alpha: float) -> jax.Array:
+    """The head's weighted training loss of model outputs `out` [B, n_outputs]."""
+    if head == "binary":
+        return binary_ce(out[:, 0], tgt["y"], w)
+    if head == "multiclass":
+        return softmax_ce(out, tgt["y"].astype(jnp.int32), w)
+    if head == "cox":
+        return cox_neg_log_partial_likelihood(out[:, 0], tgt["time"], tgt["event"], w)
+    return discrete_time_nll(out, tgt["ybin"], tgt["event"], w, alpha)
+
+
+def score_fn(head: str, out: jax.Array) -> jax.Array:
+    """The number evaluated: P(response), class probabilities, or a risk score."""
+    if head == "binary":
+        return jax.nn.sigmoid(out[:, 0])
+    if head == "multiclass":
+        return jax.nn.softmax(out, axis=-1)
+    if head == "cox":
+        return out[:, 0]
+    return discrete_risk(out)
+
+
+def explain_fn(head: str, out: jax.Array) -> jax.Array:
+    """The scalar attributed by integrated gradients: the logit, or the risk score."""
+    if head == "binary":
+        return out[:, 0]
+    if head == "multiclass":  # log-odds of the best (first) class, e.g. CR for RECIST
+        return jax.nn.log_softmax(out, axis=-1)[:, 0]
+    return score_fn(head, out)

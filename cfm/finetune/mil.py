@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +39,13 @@ import optax
 import pandas as pd
 from PIL import Image
 
+from cfm.evaluate import metrics
+from cfm.evaluate.report import fmt_metric
+from cfm.explain import heatmap
+from cfm.explain import tiles as tile_png
 from cfm.finetune import slide_data
 from cfm.finetune.common import FinetuneError, check, write_json
+from cfm.finetune.tme import slide_grid, slide_paths, slide_thumbnail
 from cfm.models.mil import GatedAttentionMIL
 
 
@@ -98,8 +104,6 @@ def _forward(model: GatedAttentionMIL):
 @functools.lru_cache(maxsize=16)
 def _init(model: GatedAttentionMIL, tx_key: tuple):
     """Jitted (params, optimiser state) initialiser (one compile instead of one per op)."""
-    import flax.linen as nn
-
     tx = _compiled(model, *tx_key)[0]
 
     def init(key, feats, mask):
@@ -153,9 +157,7 @@ def predict_mil(model: GatedAttentionMIL, params: dict, bags: slide_data.Bags, i
 
 # ============================================================================ task ============
 def run(config: Any, workdir: str) -> dict:
-    from cfm.evaluate import metrics as M
-    from cfm.finetune import tile
-
+    """The slide MIL task (see module docstring)."""
     t0 = time.time()
     check(config.target in ("classification", "regression"), "target", config.target,
           "choose classification or regression")
@@ -224,22 +226,22 @@ def run(config: Any, workdir: str) -> dict:
                  "label": labels[config.label_key]}
     if regression:
         pred = oof[:, 0] * sd + mu
-        pt, lo, hi = M.bootstrap_ci(M.pearson, (raw, pred), int(config.n_boot),
-                                    seed=int(config.seed), groups=patients)
+        pt, lo, hi = metrics.bootstrap_ci(metrics.pearson, (raw, pred), int(config.n_boot),
+                                          seed=int(config.seed), groups=patients)
         results["metrics"] = {"pearson": {"value": pt, "ci95": [lo, hi]},
                               "mae": float(np.abs(raw - pred).mean())}
         pred_rows["prediction"] = pred
-        results["summary_line"] = f"Pearson r {tile.fmt_metric(results['metrics']['pearson'])}"
+        results["summary_line"] = f"Pearson r {fmt_metric(results['metrics']['pearson'])}"
     else:
         results["classes"] = names
-        results["metrics"] = tile.classification_metrics(y, oof, patients, int(config.n_boot),
-                                                         int(config.seed))
+        results["metrics"] = metrics.classification_metrics(y, oof, patients,
+                                                            int(config.n_boot), int(config.seed))
         for k, c in enumerate(names):
             pred_rows[f"p_{c}"] = oof[:, k]
         pred_rows["prediction"] = [names[i] for i in oof.argmax(1)]
         m = results["metrics"]
-        results["summary_line"] = (f"AUC {tile.fmt_metric(m['auc'])}, balanced acc "
-                                   f"{tile.fmt_metric(m['balanced_accuracy'])}")
+        results["summary_line"] = (f"AUC {fmt_metric(m['auc'])}, balanced acc "
+                                   f"{fmt_metric(m['balanced_accuracy'])}")
     pd.DataFrame(pred_rows).to_csv(os.path.join(workdir, "predictions.csv"), index=False)
     _write_attention(os.path.join(workdir, "attention.csv"), tiles, labels, bags, att)
     results["heatmaps"] = _heatmaps(config, workdir, tiles, labels, bags, att, oof, names,
@@ -266,9 +268,6 @@ def _percentiles(v: np.ndarray) -> np.ndarray:
 def _heatmaps(config, workdir, tiles, labels, bags, att, oof, names, regression) -> dict:
     """Attention heatmaps + top-tile grids for `config.heatmaps` slides (highest predicted
     score first); needs tile images (config.shards)."""
-    from cfm.explain import heatmap, tiles as tile_png
-    from cfm.finetune.tme import slide_paths, slide_grid, slide_thumbnail
-
     k = int(config.heatmaps)
     if k <= 0 or "tile" not in tiles.meta or not config.get("shards", ""):
         return {}

@@ -3,7 +3,7 @@
 Features come from one of two places (config keys shared by every slide task):
 
 - `config.model` + `config.shards`: a `cfm.export` folder (orbax/safetensors) or a `cfm.train`
-  workdir, loaded with `cfm.load_pretrained`, run over every tile of the `data_prep.tile_wsi`
+  workdir, loaded with `cfm.pretrained.load`, run over every tile of the `data_prep.tile_wsi`
   shards (or `data_prep.synthetic_tme` shards) exactly as `cfm.embed` does it (resize to the
   model's input size, bicubic, no crop; ImageNet normalisation from the training config; the
   final-norm CLS token, DINOv2's image feature);
@@ -23,40 +23,34 @@ import json
 import os
 from typing import NamedTuple
 
+import jax
 import numpy as np
 import pandas as pd
 
+from cfm import pretrained
+from cfm.data.sources import ShardSource
+from cfm.embed import _prepare as prepare_tile  # one tile preprocessing for cfm.embed and these
+from cfm.evaluate.cv import patient_folds
 from cfm.finetune.common import FinetuneError
 
 
 class TileSet(NamedTuple):
+    """Tile features with their metadata and provenance."""
+
     features: np.ndarray  # float32 [N, D]
     meta: pd.DataFrame  # one row per tile: slide_id, x, y, mpp, tile_size, ..., `tile` (index)
     info: dict  # where the features come from (model, variant, dim, tiles)
 
 
 # ============================================================================ embeddings ======
-def _prepare(tile: np.ndarray, size: int, mean, std) -> np.ndarray:
-    from cfm.embed import _prepare as prepare  # one preprocessing for cfm.embed and this
-
-    return prepare(tile, size, mean, std)
-
-
 @functools.lru_cache(maxsize=4)
 def _cls_fn(module):
     """Jitted CLS embedding of a backbone module (cached: one compile per architecture)."""
-    import jax
-
     return jax.jit(lambda prm, x: module.apply({"params": prm}, x)["cls"])
 
 
 def embed_shards(model_path: str, shards: str, batch: int = 256) -> TileSet:
     """CLS embeddings of every tile under `shards` from the backbone at `model_path`."""
-    import jax
-
-    from cfm import pretrained
-    from cfm.data.sources import ShardSource
-
     try:
         p = pretrained.load(model_path)
     except (FileNotFoundError, pretrained.CheckpointError) as e:
@@ -76,7 +70,7 @@ def embed_shards(model_path: str, shards: str, batch: int = 256) -> TileSet:
         tiles = []
         for i in idx:
             rgb, meta = source.tile(i)
-            tiles.append(_prepare(rgb, size, mean, std))
+            tiles.append(prepare_tile(rgb, size, mean, std))
             metas.append({**meta, "tile": i})
         x = np.stack(tiles)
         pad = batch - len(x)  # one compiled shape
@@ -189,6 +183,8 @@ def encode_classes(values, key: str, min_classes: int = 2) -> tuple[np.ndarray, 
 
 # ============================================================================ bags ============
 class Bags(NamedTuple):
+    """Padded per-slide bags of tile features (`make_bags`)."""
+
     features: np.ndarray  # float32 [S, T, D], zero-padded
     mask: np.ndarray  # bool [S, T], True on real tiles
     rows: np.ndarray  # int64 [S, T], row of each tile in the TileSet (-1 on padding)
@@ -223,8 +219,6 @@ def make_bags(tiles: TileSet, slide_ids, max_tiles: int = 0, seed: int = 0) -> B
 def folds_for(patients, strata, k: int, seed: int, key: str) -> list[tuple[np.ndarray,
                                                                            np.ndarray]]:
     """Patient-level stratified folds (cfm.evaluate.cv), with a FinetuneError naming `key`."""
-    from cfm.evaluate.cv import patient_folds
-
     try:
         return patient_folds(np.asarray(patients), np.asarray(strata), k=k, seed=seed)
     except ValueError as e:

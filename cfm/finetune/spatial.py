@@ -35,6 +35,7 @@ import numpy as np
 import optax
 import pandas as pd
 
+from cfm.evaluate.metrics import pearson_per_column
 from cfm.finetune import slide_data
 from cfm.finetune.common import FinetuneError, check, write_json
 
@@ -55,6 +56,7 @@ def fit_pca(x: np.ndarray, n_components: int = PCA_COMPONENTS) -> dict:
 
 
 def apply_pca(pca: dict, x: np.ndarray) -> np.ndarray:
+    """`x` [n, d] standardised and projected on the components of `fit_pca`: [n, k]."""
     return ((x - pca["mean"]) / pca["scale"]) @ pca["components"].T
 
 
@@ -145,8 +147,7 @@ def join_spots(expr: pd.DataFrame, tiles: slide_data.TileSet, key: str
 
 # ============================================================================ task ============
 def run(config: Any, workdir: str) -> dict:
-    from cfm.evaluate import metrics as M
-
+    """The spatial expression task (see module docstring)."""
     t0 = time.time()
     methods = [m.strip() for m in str(config.methods).split(",") if m.strip()]
     check(bool(methods) and all(m in METHODS for m in methods), "methods", config.methods,
@@ -204,7 +205,7 @@ def run(config: Any, workdir: str) -> dict:
                 pred = mlp_fit_predict(z[tr], y[tr], z[val], y[val], z[te], config,
                                        int(config.seed) + f)
             oof[m][te] = pred
-            r = M.pearson_per_column(y[te], pred)
+            r = pearson_per_column(y[te], pred)
             row[f"{m}_pearson_mean"] = float(np.nanmean(r))
         per_fold.append(row)
     y = y_all[:, gidx]
@@ -215,7 +216,7 @@ def run(config: Any, workdir: str) -> dict:
     gene_table = {"gene": genes}
     for m in methods:
         fold_means = np.array([r[f"{m}_pearson_mean"] for r in per_fold])
-        pooled = M.pearson_per_column(y, oof[m])
+        pooled = pearson_per_column(y, oof[m])
         gene_table[m] = np.round(pooled, 4)
         results["methods"][m] = {
             "pearson_mean_over_genes": {"mean_over_folds": float(np.nanmean(fold_means)),

@@ -18,12 +18,15 @@ import ml_collections
 
 from cfm.finetune import response
 from cfm.finetune.common import check, write_json
+from cfm.finetune.fusion_data import split_list
+from cfm.finetune.losses import SURVIVAL_HEADS
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    check(config.head in response.SURVIVAL_HEADS, "head", config.head,
-          f"the survival task uses one of {list(response.SURVIVAL_HEADS)}")
-    cancers = response._split(config.data.get("cancer", "")) if config.data.source == "tcga" \
+    """`task = "survival"`: the fusion pipeline with a survival head, once per TCGA type."""
+    check(config.head in SURVIVAL_HEADS, "head", config.head,
+          f"the survival task uses one of {list(SURVIVAL_HEADS)}")
+    cancers = split_list(config.data.get("cancer", "")) if config.data.source == "tcga" \
         else [""]
     if len(cancers) <= 1:
         return response.run_pipeline(config, workdir, "Survival prediction")

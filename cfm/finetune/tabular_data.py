@@ -47,6 +47,8 @@ STAGES = {"0": 0.0, "I": 1.0, "II": 2.0, "III": 3.0, "IV": 4.0}
 
 @dataclasses.dataclass
 class TabularData:
+    """One row per patient of the loaded cohorts: omics, clinical values, labels, signatures."""
+
     patient_ids: np.ndarray            # [n] str
     cohort: np.ndarray                 # [n] str
     omics: np.ndarray                  # [n, G] float32

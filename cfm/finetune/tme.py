@@ -2,7 +2,7 @@
 
     python -m cfm.finetune --config configs/finetune/tme.py:synthetic --workdir DIR
 
-1. A linear probe (`cfm.finetune.tile.train_linear`, eva's protocol) on the frozen backbone's
+1. A linear probe (`cfm.finetune.probe.train_linear`, eva's protocol) on the frozen backbone's
    CLS embeddings learns the classes of the labelled tiles (`config.train_shards`, class in the
    tile metadata key `config.label_key`: tumour, stroma, immune, background, ...). Its quality is
    reported on a held-out patient-level fold (accuracy, balanced accuracy, macro AUC).
@@ -37,7 +37,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cfm.evaluate import metrics
+from cfm.evaluate.report import fmt_metric
+from cfm.explain import heatmap
+from cfm.explain import tiles as tile_png
+from cfm.finetune import slide_data
 from cfm.finetune.common import FinetuneError, check, write_json
+from cfm.finetune.probe import predict_linear, train_linear
 
 DENSITY_WINDOW = 3  # tiles per side of the local immune density window
 
@@ -116,11 +122,9 @@ def immune_density_grid(class_grid: np.ndarray, classes: Sequence[str], tile_siz
 
 def slide_grid(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """(rows, cols, footprint) of a slide's tiles on their tiling grid (level-0 px)."""
-    from cfm.explain.heatmap import infer_footprint
-
     xs, ys = meta["x"].to_numpy(), meta["y"].to_numpy()
     fallback = float(meta["tile_size"].iloc[0]) if "tile_size" in meta else 224.0
-    fx, fy = infer_footprint(xs, ys, fallback)
+    fx, fy = heatmap.infer_footprint(xs, ys, fallback)
     cols = np.round((xs - xs.min()) / fx).astype(int)
     rows = np.round((ys - ys.min()) / fy).astype(int)
     return rows, cols, (fx, fy)
@@ -149,11 +153,11 @@ def slide_paths(shards: str) -> dict:
                 if r.get("source_path")}
 
 
-def slide_thumbnail(mode: str, slide_path: str | None, images, xs, ys, footprint):
-    """A `cfm.explain.heatmap.Thumb`: OpenSlide's thumbnail of `slide_path` when `mode` is
-    openslide (or auto and the file exists), else assembled from the tile images."""
-    from cfm.explain import heatmap
-
+def slide_thumbnail(mode: str, slide_path: str | None, images, xs, ys, footprint
+                    ) -> tuple[heatmap.Thumb, str]:
+    """(`cfm.explain.heatmap.Thumb`, "openslide" or "tiles"): OpenSlide's thumbnail of
+    `slide_path` when `mode` is openslide (or auto and the file exists), else assembled from the
+    tile images."""
     if mode in ("auto", "openslide") and slide_path and os.path.isfile(slide_path):
         try:
             return heatmap.thumbnail_from_slide(slide_path, 512), "openslide"
@@ -171,10 +175,7 @@ def slide_thumbnail(mode: str, slide_path: str | None, images, xs, ys, footprint
 
 # ============================================================================ task ============
 def run(config: Any, workdir: str) -> dict:
-    from cfm.evaluate import metrics as M
-    from cfm.explain import heatmap, tiles as tile_png
-    from cfm.finetune import slide_data, tile
-
+    """The TME task (see module docstring)."""
     t0 = time.time()
     check(config.thumbnail in ("auto", "tiles", "openslide"), "thumbnail", config.thumbnail,
           "choose auto, tiles or openslide")
@@ -196,16 +197,16 @@ def run(config: Any, workdir: str) -> dict:
     inner = slide_data.folds_for(groups[tr_all], np.zeros(len(tr_all)), 4, int(config.seed) + 1,
                                  "folds")
     tr, val = tr_all[inner[0][0]], tr_all[inner[0][1]]
-    params, hist = tile.train_linear(x[tr], y[tr], x[val], y[val], len(classes),
-                                     lr=float(config.lr), optimizer=config.optimizer,
-                                     max_steps=int(config.max_steps), batch_size=256,
-                                     patience=int(config.patience), seed=int(config.seed),
-                                     standardize=bool(config.standardize))
-    held = tile.classification_metrics(y[te], tile.predict_linear(params, x[te]), groups[te],
-                                       int(config.n_boot), int(config.seed))
+    params, hist = train_linear(x[tr], y[tr], x[val], y[val], len(classes),
+                                lr=float(config.lr), optimizer=config.optimizer,
+                                max_steps=int(config.max_steps), batch_size=256,
+                                patience=int(config.patience), seed=int(config.seed),
+                                standardize=bool(config.standardize))
+    held = metrics.classification_metrics(y[te], predict_linear(params, x[te]), groups[te],
+                                          int(config.n_boot), int(config.seed))
 
     slides = slide_data.load_tiles(config, shards_key="slide_shards")
-    probs = tile.predict_linear(params, slides.features)
+    probs = predict_linear(params, slides.features)
     pred = probs.argmax(1)
     smeta = slides.meta
     truth_known = key in smeta and smeta[key].notna().all() and \
@@ -276,13 +277,13 @@ def run(config: Any, workdir: str) -> dict:
     if truth_known and len(table) >= 2:
         results["agreement_with_truth"] = {
             "tile_accuracy_mean": float(table["tile_accuracy"].mean()),
-            **{f"pearson_{k}": M.pearson(table[k], table[f"true_{k}"])
+            **{f"pearson_{k}": metrics.pearson(table[k], table[f"true_{k}"])
                for k in ("fraction_tumour", "fraction_immune", "fraction_stroma",
                          "til_density_per_mm2", "immune_tumour_ratio") if k in table}}
     results["seconds"] = round(time.time() - t0, 1)
     a = results.get("agreement_with_truth", {})
     results["summary_line"] = (
-        f"tile classifier balanced acc {tile.fmt_metric(held['balanced_accuracy'])} on held-out "
+        f"tile classifier balanced acc {fmt_metric(held['balanced_accuracy'])} on held-out "
         f"patients; {len(table)} slides mapped" + (
             f"; TIL density r = {a.get('pearson_til_density_per_mm2', float('nan')):.3f} vs "
             f"truth, tile accuracy on slides {a['tile_accuracy_mean']:.3f}" if a else ""))
