@@ -1,4 +1,5 @@
-"""AdamW as DINOv2 runs it (Oquab et al. 2023; facebookresearch/dinov2 `ssl_default_config.yaml`).
+"""AdamW as DINOv2 runs it (Oquab et al. 2023; facebookresearch/dinov2 `ssl_default_config.yaml`),
+for every pretraining objective (masked gene modelling has no prototypes to freeze).
 
 Per parameter, with the schedules of `cfm.schedules` evaluated at the optimiser's step count:
 
@@ -87,9 +88,9 @@ class DinoAdamWState(NamedTuple):
     adam: optax.OptState
 
 
-def dinov2_adamw(config: ml_collections.ConfigDict, params: Any, depth: int
-                 ) -> optax.GradientTransformation:
-    """The optimiser for a params dict {backbone, dino_head[, ibot_head]}."""
+def adamw(config: ml_collections.ConfigDict, params: Any, depth: int
+          ) -> optax.GradientTransformation:
+    """The optimiser of every pretraining objective, for its params dict {backbone, heads...}."""
     lr_mult = lr_multipliers(config, params, depth)
     wd_mask = decay_mask(params)
     ll_mask = last_layer_mask(params)
@@ -100,7 +101,7 @@ def dinov2_adamw(config: ml_collections.ConfigDict, params: Any, depth: int
         return DinoAdamWState(count=jnp.zeros((), jnp.int32), adam=adam.init(p))
 
     def update(grads, state, p=None):
-        s = schedules.all_schedules(config, state.count)
+        s = schedules.optimizer_schedules(config, state.count)
         if clip is not None:  # each top-level module (backbone, heads) on its own
             grads = {k: clip.update(g, clip.init(g))[0] for k, g in grads.items()}
         keep = jax.tree.map(lambda m: 1.0 - m * (1.0 - s["last_layer"]), ll_mask)
