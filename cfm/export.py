@@ -1,20 +1,26 @@
-"""Export the teacher backbone of a cfm.train checkpoint as a released model (DINOv2 releases
-the teacher).
+"""Export the released backbone of a cfm.train checkpoint as a model: the teacher of a DINOv2
+run (DINOv2 releases the teacher), the network of a masked gene modelling run (the objective's
+`export_tree`, which `cfm.pretrained.read_checkpoint` follows).
 
     python -m cfm.export --workdir DIR [--step N] --out DIR --format {orbax,safetensors,timm}
         [--dtype float32|bfloat16] [--overwrite]
 
 `--out` receives, besides the weights, `config.json` (architecture, preprocessing, provenance)
 and `README.md` (how to load it):
-  orbax        params/            an orbax PyTree checkpoint of the cfm ViT parameters
+  orbax        params/            an orbax PyTree checkpoint of the cfm backbone parameters
   safetensors  model.safetensors  the same tree under flat "a.b.c" keys (block_0.attn.qkv_kernel)
-  timm         model.safetensors  timm VisionTransformer names and layouts; the exact
+  timm         model.safetensors  timm VisionTransformer names and layouts (ViTs only); the exact
                                   `timm.create_model(...)` call is printed and put in README.md
-orbax and safetensors exports load with `cfm.load_pretrained(DIR)`. Only the teacher backbone is
-read from the checkpoint, into host memory, so any machine can export any run. The export is
-written to a temporary folder next to `--out` and renamed at the end: `--out` either holds a
-complete export or is untouched. Exit status 2, with a message naming the path, for a workdir
-without checkpoints, a missing step, a damaged checkpoint or an existing non-empty `--out`.
+An omics export also carries the prepared data's vocab.tsv, stats.json and manifest.json.
+orbax and safetensors exports load with `cfm.load_pretrained(DIR)`. Only the released backbone
+is read from the checkpoint (through `cfm.checkpoint`), into host memory, so any machine can
+export any run. The export is staged beside `--out` and swapped in at the end
+(`cfm.atomic.atomic_folder`): `--out` either holds a complete export or is untouched. Exit
+status 2, with a message naming the path, for a workdir without checkpoints, a missing step, a
+damaged checkpoint or an existing non-empty `--out`.
+
+This module holds the config.json (provenance, tile manifests, timm keyword arguments), the
+conversion to timm's names and layouts, the README and the writing.
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
 
 from cfm import pretrained
-from cfm.pretrained import CONFIG_FILE, ORBAX_DIR, WEIGHTS_FILE, CheckpointError
+from cfm.atomic import atomic_folder
+from cfm.checkpoint import CheckpointError, flatten
+from cfm.models.backbone import architecture
+from cfm.pretrained import CONFIG_FILE, ORBAX_DIR, WEIGHTS_FILE
+from cfm.version import cfm_version
 
 FORMATS = ("orbax", "safetensors", "timm")
 DTYPES = ("float32", "bfloat16")
@@ -85,15 +97,6 @@ def data_manifests(data_cfg: dict) -> tuple[dict, list[dict] | None, str | None]
     return {"tile_size_px": size, "microns_per_pixel": sorted(mpps) or None}, manifests, None
 
 
-def _cfm_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("cfm")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 OMICS_FILES = ("vocab.tsv", "stats.json", "manifest.json")  # copied from the prepared folder
 
 
@@ -106,7 +109,7 @@ def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     root = config.get("data", {}).get("path", "")
     found = [n for n in OMICS_FILES if root and os.path.isfile(os.path.join(root, n))]
     return {
-        "architecture": pretrained.architecture(config["model"]),
+        "architecture": architecture(config["model"]),
         "preprocessing": {
             "files": found,
             "recipe": "prepare new tables with python -m data_prep.prepare_omics --vocab "
@@ -115,7 +118,7 @@ def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
                     f"data.path={root!r}: no vocab.tsv/stats.json on the exporting machine",
         },
         "provenance": {
-            "step": int(step), "training_config": config, "cfm_version": _cfm_version(),
+            "step": int(step), "training_config": config, "cfm_version": cfm_version(),
             "data_manifests": [{"path": n, "sha256": _sha256(os.path.join(root, n))}
                                for n in found],
             "export_time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -128,10 +131,10 @@ def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
 
 def build_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     """The export's config.json: architecture, preprocessing, provenance, export."""
-    if config.get("objective") == "mgm":
+    arch = architecture(config["model"])
+    if arch["family"] == "omics":
         return _omics_info(config, step, fmt, dtype)
     tiles, manifests, note = data_manifests(config.get("data", {}))
-    arch = pretrained.architecture(config["model"])
     info = {
         "architecture": arch,
         "preprocessing": {
@@ -142,7 +145,7 @@ def build_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
         },
         "provenance": {
             "step": int(step), "training_config": config, "data_manifests": manifests,
-            "data_manifest_note": note, "cfm_version": _cfm_version(),
+            "data_manifest_note": note, "cfm_version": cfm_version(),
             "export_time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "weights": "teacher backbone (EMA of the student), as DINOv2 releases it",
@@ -212,7 +215,7 @@ def to_timm(params: dict, arch: dict) -> dict[str, np.ndarray]:
     """cfm ViT params (per-block layout, float32 numpy) -> timm VisionTransformer state dict
     (numpy, torch layouts: Linear weights [out, in], conv weight [out, in, kh, kw])."""
     d = arch["width"]
-    p = {k: np.asarray(v, np.float32) for k, v in pretrained.flatten(params).items()}
+    p = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     pos = p["pos_embed"]  # [1, 1 + N, D]: row 0 is CLS's
     sd: dict[str, np.ndarray] = {}
     if arch["num_registers"]:  # no_embed_class: CLS carries its position row
@@ -246,8 +249,6 @@ def to_timm(params: dict, arch: dict) -> dict[str, np.ndarray]:
 
 # ============================================================================ writing =========
 def _cast(tree: dict, dtype: str) -> dict:
-    import ml_dtypes
-
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     return {k: _cast(v, dtype) if isinstance(v, dict) else
             np.ascontiguousarray(np.asarray(v, np.float32).astype(np_dtype))
@@ -306,15 +307,10 @@ def _readme(info: dict, out: str) -> str:
 def _write(tmp: str, info: dict, params: dict, out: str) -> None:
     fmt, dtype = info["export"]["format"], info["export"]["dtype"]
     if fmt == "orbax":
-        import orbax.checkpoint as ocp
-
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, ORBAX_DIR), _cast(params, dtype))
     else:
-        from safetensors.numpy import save_file
-
-        flat = to_timm(params, info["architecture"]) if fmt == "timm" else \
-            pretrained.flatten(params)
+        flat = to_timm(params, info["architecture"]) if fmt == "timm" else flatten(params)
         save_file(_cast(flat, dtype), os.path.join(tmp, WEIGHTS_FILE),
                   metadata={"format": "pt" if fmt == "timm" else "cfm"})
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -327,19 +323,9 @@ def _write(tmp: str, info: dict, params: dict, out: str) -> None:
         shutil.copyfile(os.path.join(root, name), os.path.join(tmp, name))
 
 
-def _umask_modes(folder: str) -> None:
-    """Give a folder made by mkdtemp (0700) and its files the modes a plain mkdir/open gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-
-
 def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str = "float32",
            overwrite: bool = False) -> dict:
-    """Write the teacher backbone of `workdir`'s latest (or `step`) checkpoint to `out` in
+    """Write the released backbone of `workdir`'s latest (or `step`) checkpoint to `out` in
     `fmt` ("orbax", "safetensors", "timm") as float32 or bfloat16; returns config.json's dict.
     Nothing appears at `out` unless the whole export succeeds."""
     if fmt not in FORMATS or dtype not in DTYPES:
@@ -350,27 +336,8 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
                               "pass --overwrite")
     config, params, step = pretrained.read_checkpoint(workdir, step)
     info = build_info(config, step, fmt, dtype)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    old = None
-    try:
+    with atomic_folder(out) as tmp:  # --overwrite: the old export stays until the new one is in
         _write(tmp, info, params, out)
-        _umask_modes(tmp)
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        elif os.path.lexists(out):  # --overwrite: keep the old export until the new one is in
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.path.lexists(out):  # put the old export back
-            os.replace(os.path.join(old, "x"), out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return info
 
 

@@ -3,7 +3,7 @@ domain adaptation to a new cancer type).
 
 PATH is a cfm.train workdir (its latest checkpoint, or `--config.init_from_step=N`; its
 `checkpoints/` folder or a `checkpoints/N` step folder work too) or a `python -m cfm.export`
-folder (orbax or safetensors). The fresh, sharded initial state from `train.create_state` keeps
+folder (orbax or safetensors). The fresh, sharded initial state from `setup.create_state` keeps
 its optimiser state, step (0), centers and RNG; only the student `params` and the `teacher` are
 filled, leaf by leaf where name and shape match:
 
@@ -24,8 +24,10 @@ Rules, per parameter (names in the per-block layout, whatever `model.scan_layers
   * errors: a backbone sharing no parameter with the target, or a patch embedding of another
     shape (another width or patch size: the loaded blocks would read random tokens; pick the
     source's model.variant).
-Every process reads the whole source into host memory (numpy; any source mesh) and places its
+Every process reads the whole source into host memory (numpy; any source mesh: checkpoints
+through `cfm.checkpoint.read_trees`, exports through `cfm.pretrained.read_export`) and places its
 own shards with each target leaf's sharding, so the result has exactly the input's shardings.
+This module holds the path resolution, the name/shape matching, the placing and the report.
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfm import pretrained
+from etils import epath
+
+from cfm import checkpoint, pretrained
+from cfm.checkpoint import CheckpointError, flatten
 from cfm.config_check import ConfigError
 from cfm.models import vit
-from cfm.pretrained import CONFIG_FILE, CheckpointError
+from cfm.models.backbone import architecture
+from cfm.pretrained import CONFIG_FILE
 
 REPORT_FILE = "init_from.txt"
 HEADS = ("dino_head", "ibot_head")
@@ -62,7 +68,7 @@ class Source(NamedTuple):
     kind: str  # "checkpoint" or "export"
     where: str  # the step folder or export folder read (absolute)
     step: int
-    arch: dict  # pretrained.architecture() of the source backbone
+    arch: dict  # cfm.models.backbone.architecture() of the source backbone
     student: dict[str, np.ndarray]  # flat per-block names: backbone.block_0.attn.qkv_kernel
     teacher: dict[str, np.ndarray]
 
@@ -95,8 +101,6 @@ class InitReport:
 
     def write(self, workdir: str) -> str:
         """Write `format()` to WORKDIR/init_from.txt (a local or gs:// workdir); its path."""
-        from etils import epath
-
         folder = epath.Path(workdir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / REPORT_FILE).write_text(self.format())
@@ -164,34 +168,12 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str, int | None]:
 def read_checkpoint_params(workdir: str, step: int | None = None
                            ) -> tuple[dict, dict, dict, int]:
     """(training config, student params, teacher params, step) of a cfm.train checkpoint, as
-    numpy trees in the per-block layout (heads included; teacher {} for runs without one). Like
-    `pretrained.read_checkpoint`: an orbax partial restore of `params` and `teacher` only (the
-    optimiser state stays on disk), the target tree taken from the checkpoint's own metadata,
-    any mesh, on the host."""
-    import orbax.checkpoint as ocp
-
-    config, arch, step_dir, step = pretrained.read_checkpoint_config(workdir, step)
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            folder = os.path.join(step_dir, "state")
-            meta = ckptr.metadata(folder).item_metadata.tree
-            meta = {k: meta[k] for k in ("params", "teacher") if meta.get(k)}
-            state = ckptr.restore(folder, args=ocp.args.PyTreeRestore(
-                item=pretrained.map_dict(lambda m: np.zeros((), m.dtype), meta),
-                restore_args=pretrained.map_dict(
-                    lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta),
-                partial_restore=True))
-        trees = [dict(state[k], backbone=pretrained.unstack_blocks(
-            state[k]["backbone"], arch["depth"])) for k in meta]
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {step_dir} is damaged: the student/teacher do not "
-                              f"read ({type(e).__name__}: {str(e)[:300]})") from None
-    for tree in trees:
-        pretrained.check_params(tree["backbone"], arch, f"checkpoint {step_dir}")
-        for k, v in pretrained.flatten(tree).items():
-            if not np.all(np.isfinite(np.asarray(v, np.float32))):
-                raise CheckpointError(f"checkpoint {step_dir}: {k} holds NaN or inf values")
-    return config, trees[0], trees[1] if len(trees) > 1 else {}, step
+    numpy trees in the per-block layout (heads included; teacher {} for runs without one): a
+    `cfm.checkpoint.read_trees` of `params` and `teacher` only (the optimiser state stays on
+    disk), any mesh, on the host."""
+    ckpt = checkpoint.read_config(workdir, step)
+    trees = checkpoint.read_trees(ckpt, ("params", "teacher"))
+    return ckpt.config, trees["params"], trees.get("teacher", {}), ckpt.step
 
 
 def read_source(path: str, step: int | None = None) -> Source:
@@ -200,13 +182,12 @@ def read_source(path: str, step: int | None = None) -> Source:
     try:
         if kind == "export":
             info, params = pretrained.read_export(where)
-            flat = pretrained.flatten({"backbone": params})
+            flat = flatten({"backbone": params})
             return Source(kind, where, int(info.get("provenance", {}).get("step", -1)),
                           info["architecture"], flat, flat)
         config, student, teacher, step = read_checkpoint_params(where, step)
         return Source(kind, os.path.join(where, "checkpoints", str(step)), step,
-                      pretrained.architecture(config["model"]), pretrained.flatten(student),
-                      pretrained.flatten(teacher))
+                      architecture(config["model"]), flatten(student), flatten(teacher))
     except (CheckpointError, FileNotFoundError, OSError) as e:
         raise _err(path, str(e)) from None
 
@@ -325,12 +306,12 @@ def _assemble(tree: Any, values: dict[str, np.ndarray]) -> Any:
 def apply_init_from(state: Any, config: Any, path: str, step: int | None = None
                     ) -> tuple[Any, InitReport]:
     """(state with `params` and `teacher` filled from PATH, report). `state` is the fresh
-    TrainState of `train.create_state` on any mesh; the result keeps each leaf's sharding and
+    TrainState of `setup.create_state` on any mesh; the result keeps each leaf's sharding and
     dtype, and the optimiser state, step, centers and RNG of `state`. `step`: a checkpoint step
     (None or negative: the latest)."""
     step = None if step is None or step < 0 else int(step)
     src = read_source(path, step)
-    flat = pretrained.flatten(jax.tree.map(lambda x: tuple(x.shape), state.params,
+    flat = flatten(jax.tree.map(lambda x: tuple(x.shape), state.params,
                                            is_leaf=lambda x: hasattr(x, "shape")))
     target = per_block_shapes(flat)
     plan, unused = match(target, {k: tuple(v.shape) for k, v in src.student.items()}, src.kind)

@@ -50,13 +50,13 @@ import math
 import os
 import sys
 import time
-from importlib import metadata
 
 import numpy as np
 
 from cfm.atomic import atomic_folder
 from cfm.data.omics_records import MODALITIES, encode_sample
 from cfm.data.omics_source import FORMAT
+from cfm.version import cfm_version
 from data_prep import omics_tables as ot
 from data_prep.cli import parse_args
 from data_prep.omics_combine import combine, dedupe
@@ -137,13 +137,6 @@ def _write(folder: str, name: str, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _cfm_version() -> str:
-    try:
-        return metadata.version("cfm")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -312,7 +305,7 @@ def prepare(args, out_tmp: str) -> dict:
         "genes_per_modality": genes_per_modality, "groups": where, "repairs": repairs,
         "inputs": inputs, "options": vars(args),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cfm_version": _cfm_version(), "seconds": round(time.time() - start, 2)}
+        "cfm_version": cfm_version(), "seconds": round(time.time() - start, 2)}
     _write(out_tmp, "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
     return manifest
 

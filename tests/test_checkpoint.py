@@ -15,8 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cfm import checkpoint, train
-from cfm.parallel import mesh as mesh_lib
+from cfm import checkpoint, setup, train
 from tests.conftest import ROOT, damage_checkpoint
 from tests.test_train import _tiny
 
@@ -66,9 +65,7 @@ def _wait_for_step(proc, workdir, log, step):
 
 
 def _final_state(workdir, step):
-    c = _tiny()
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    state, _, _ = train.create_state(c, train.build_models(c), mesh)
+    state = setup.create_state(setup.setup(_tiny(), devices=jax.devices()[:1]))
     mngr = ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state",))
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state)))
     mngr.close()

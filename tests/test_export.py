@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 import cfm
-from cfm import checkpoint, export, pretrained, train
+from cfm import checkpoint, export, objectives, pretrained, setup
 from cfm.models import vit
-from cfm.parallel import mesh as mesh_lib
 from tests.conftest import ROOT, damage_checkpoint
 from tests.test_train import _tiny
 
@@ -40,14 +39,19 @@ def _fake_tiles(folder) -> None:
     (folder / "config.json").write_text(json.dumps({"mpp": [0.5, 1.0], "tile_size": 224}))
 
 
+def _backbone(c):
+    """The backbone module the run of config `c` trains."""
+    objective = objectives.get(c)
+    return objective.build_models(objective.prepare_config(c)).backbone
+
+
 def _make_workdir(path, steps=STEPS, **overrides):
     """A cfm.train workdir whose checkpoints hold a FSDP-sharded state (8 devices unless
     `overrides` change config.mesh) with a teacher that differs from the student and between
     steps. Returns (config, {step: teacher backbone}, student backbone) as numpy."""
     c = _tiny(**{"mesh.data": 1, "mesh.fsdp": 8, "sharding.min_shard_size": 0, **overrides})
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:c.mesh.data * c.mesh.fsdp * c.mesh.tensor])
-    models = train.build_models(c)
-    state, _, _ = train.create_state(c, models, mesh)
+    s = setup.setup(c, devices=jax.devices()[:c.mesh.data * c.mesh.fsdp * c.mesh.tensor])
+    c, state = s.config, setup.create_state(s)
     mngr = checkpoint.manager(str(path), c)
     teachers = {}
     for s in steps:
@@ -93,7 +97,7 @@ def test_export_round_trips_in_jax(run, tmp_path, fmt, dtype):
     model, params = cfm.load_pretrained(str(out))
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(params))
     x = _images(c.model.img_size)
-    backbone = train.build_models(c).backbone
+    backbone = _backbone(c)
     want = _embed(backbone, teachers[4], x)  # the latest step's teacher
     got = _embed(model, params, x)
     if dtype == "float32":
@@ -140,7 +144,7 @@ def test_config_json_records_architecture_preprocessing_provenance(run, tmp_path
 def test_load_pretrained_reads_workdirs_and_scanned_runs(run, tmp_path):
     workdir, c, teachers, _ = run
     x = _images(c.model.img_size)
-    backbone = train.build_models(c).backbone
+    backbone = _backbone(c)
     for step in (None, 2):
         model, params = cfm.load_pretrained(str(workdir), step=step)
         np.testing.assert_array_equal(_embed(model, params, x),
@@ -154,7 +158,7 @@ def test_load_pretrained_reads_workdirs_and_scanned_runs(run, tmp_path):
     model, params = cfm.load_pretrained(str(out))
     assert "block_1" in params and "blocks" not in params and not model.scan_layers
     np.testing.assert_allclose(_embed(model, params, x),
-                               _embed(train.build_models(cs).backbone, ts[1], x),
+                               _embed(_backbone(cs), ts[1], x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -251,7 +255,7 @@ def test_timm_embeddings_match_jax(tmp_path, overrides):
     namespace: dict = {}
     exec(export.timm_call(info["export"]["timm"], str(out / "model.safetensors")), namespace)
     model = namespace["model"]
-    backbone = train.build_models(c).backbone
+    backbone = _backbone(c)
     for size in (c.model.img_size, 48):  # the stored grid, and position embeddings upsampled
         x = _images(size)
         want = _embed(backbone, teachers[1], x)
@@ -336,7 +340,7 @@ def test_cli_on_a_one_device_host(run, tmp_path):
     model, params = cfm.load_pretrained(str(tmp_path / "m"))
     x = _images(c.model.img_size)
     np.testing.assert_array_equal(_embed(model, params, x),
-                                  _embed(train.build_models(c).backbone, teachers[4], x))
+                                  _embed(_backbone(c), teachers[4], x))
     proc = subprocess.run(cmd + [str(tmp_path / "m")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,22 +4,19 @@ folder (both <- the exported backbone, position embeddings resampled for another
 the optimiser state, step, centers and RNG left fresh and the shardings kept, whichever mesh
 saved the source; mismatched registers or heads re-initialised and reported; bad paths named."""
 
-import functools
 import json
 import os
 import shutil
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cfm import checkpoint, export, init_from, pretrained, train
+from cfm import checkpoint, export, init_from, pretrained, setup
 from cfm.models import vit
-from cfm.parallel import mesh as mesh_lib
 from tests.test_train import _tiny
 from tests.conftest import damage_checkpoint
 
@@ -31,9 +28,8 @@ MESHES = {"fsdp8": {"mesh.fsdp": 8}, "one": {}}
 def _state(**overrides):
     """A fresh (state, config) on the mesh `overrides` give (1 device by default)."""
     c = _tiny(**{**SOURCE, **overrides})
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:c.mesh.data * c.mesh.fsdp * c.mesh.tensor])
-    state, _, _ = train.create_state(c, train.build_models(c), mesh)
-    return state, c
+    s = setup.setup(c, devices=jax.devices()[:c.mesh.data * c.mesh.fsdp * c.mesh.tensor])
+    return setup.create_state(s), s.config
 
 
 def _noisy(tree, seed: int):
@@ -177,9 +173,8 @@ def test_export_with_larger_crops_resamples_pos_embed(sources, wide, tmp_path, f
 # ============================================================================ variants ========
 def _abstract_state(c):
     """A stand-in for the trainer's state where only parameter shapes are read."""
-    models = train.build_models(c)
-    boxed = jax.eval_shape(functools.partial(train._init_params, c, models), jax.random.key(0))
-    return types.SimpleNamespace(params=nn.meta.unbox(boxed))
+    return types.SimpleNamespace(params=setup.setup(c, devices=jax.devices()[:1])
+                                 .abstract_state.params)
 
 
 def _write_export(folder, variant: str, depth_seed: int = 0) -> dict:
