@@ -8,8 +8,8 @@ The state is the full `configs/dino_vit.py` preset state of `--variant` (student
 mu/nu + centers, 65536 prototypes; ViT-L/16: 1.3 G float32 values, 5.3 GB), created sharded on
 one device (a 1-device mesh) and checkpointed with `cfm.checkpoint.manager` / `save` /
 `checkpoint.restore` under `--dir` (local disk). The train step is the real jitted DINOv2 step
-(`cfm.train.jit_train_step`) of that same state, run on a small batch of small crops (default
-batch 2, 2x112 global + 2x48 local crops; parameter shapes stay the preset's, position
+(`cfm.setup`, as cfm.train builds it) of that same state, run on a small batch of small crops
+(default batch 2, 2x112 global + 2x48 local crops; parameter shapes stay the preset's, position
 embeddings are resampled) so that a step takes seconds on CPU while still reading and writing
 the whole state (optimiser update, teacher EMA), as a full-size step does.
 
@@ -54,22 +54,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cfm import checkpoint, train  # noqa: E402
-from cfm.models import vit  # noqa: E402
-from cfm.parallel import mesh as mesh_lib  # noqa: E402
+from cfm import checkpoint, setup  # noqa: E402
 from cfm.data import masking  # noqa: E402
+from cfm.models import vit  # noqa: E402
 from train_step import _reexec_with_jemalloc, load_config  # noqa: E402
 
 GB = 1e9
 
 
-def make_batch(config: Any, rng: np.random.Generator) -> tuple[dict, int]:
-    """A random uint8 batch of `config`'s crops and its iBOT masks, and the mask buffer size."""
+def make_batch(config: Any, rng: np.random.Generator) -> dict:
+    """A random uint8 batch of `config`'s crops and its iBOT masks."""
     b, cr = config.batch_size, config.crops
     grid = cr.global_size // vit.spec(config.model.variant).patch
     n_crops = 2 * b
-    buffer = masking.mask_buffer_size(n_crops, grid * grid, config.ibot.mask_sample_probability,
-                                      config.ibot.mask_ratio_min_max)
     masks = masking.sample_batch_masks(
         rng, n_crops, (grid, grid), config.ibot.mask_sample_probability,
         config.ibot.mask_ratio_min_max, config.ibot.min_block_patches, config.ibot.min_aspect,
@@ -81,7 +78,7 @@ def make_batch(config: Any, rng: np.random.Generator) -> tuple[dict, int]:
                                     dtype=np.uint8),
         "masks": masks.reshape(b, 2, grid * grid),
     }
-    return local, buffer
+    return local
 
 
 def evict(path: pathlib.Path) -> float:
@@ -164,9 +161,9 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
 
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    models = train.build_models(c)
-    state, shardings, tx = train.create_state(c, models, mesh)
+    s = setup.setup(c, jax.devices()[:1])  # the trainer's models, state layout and step
+    c = s.config
+    state = setup.create_state(s)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     leaves = jax.tree.leaves(state)
@@ -178,12 +175,10 @@ def main() -> None:
 
     compile_s, loss = float("nan"), float("nan")
     if not args.no_train:
-        local, buffer = make_batch(c, np.random.default_rng(0))
-        batch = train.global_batch(local, mesh)
+        batch = setup.global_batch(s, make_batch(c, np.random.default_rng(0)))
         t = time.perf_counter()
-        step = train.jit_train_step(c, models, tx, buffer, mesh, shardings,
-                                    {k: v.ndim for k, v in local.items()})
-        compiled = step.lower(state, batch).compile()
+        with jax.set_mesh(s.mesh):
+            compiled = s.step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
         state, out = compiled(state, batch)  # warm-up
         jax.block_until_ready((state, out))
@@ -257,7 +252,7 @@ def main() -> None:
     # restore: drop the live state first so that the restored copy has the memory it would have
     del state
     if not args.no_train:
-        del out, compiled, step
+        del out, compiled
     restores = []
     for _ in range(args.rounds):
         evict(ckpt_dir)

@@ -36,7 +36,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import io  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
@@ -48,6 +47,7 @@ from PIL import Image  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cfm import config_loader  # noqa: E402
 from cfm.data.augment import MultiCrop  # noqa: E402
 from cfm.data.sources import SyntheticSource  # noqa: E402
 
@@ -56,11 +56,7 @@ JPEG_QUALITY = 90
 
 
 def _config(preset: str):
-    spec = importlib.util.spec_from_file_location("dino_vit_config",
-                                                  ROOT / "configs" / "dino_vit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return config_loader.load_config(f"{ROOT}/configs/dino_vit.py:{preset}")
 
 
 def _encode(images: list[np.ndarray]) -> list[bytes]:

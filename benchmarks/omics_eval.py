@@ -41,11 +41,11 @@ EXPR, MUT, CNV = range(3)
 def _load(workdir: str):
     import ml_collections
 
-    from cfm import init_from, train
+    from cfm import init_from, objectives
 
     config, params, _, step = init_from.read_checkpoint_params(workdir)
-    config = ml_collections.ConfigDict(config)
-    return config, train.build_models(config), params, step
+    config = ml_collections.ConfigDict(config)  # as checkpointed: vocab_size/n_bins filled
+    return config, objectives.get(config).build_models(config), params, step
 
 
 def _predict(models, params, samples, masks, batch: int = 8):

@@ -3,10 +3,11 @@
     python -m benchmarks.omics_step [--variant omics_base] [--tokens 2048] [--batch 8]
 
 Issue 6's size: a 12-layer, 512-wide omics transformer (`omics_base`) on 2048 genes per sample.
-Builds the real jitted step (cfm.train, synthetic samples of exactly `--tokens` tokens, one
-device), then prints samples/s and tokens/s over timed steps (after compile and a warm-up
-step), XLA's cost-analysis FLOPs against the analytic count (`cfm.flops.omics_step_flops`), and
-the model FLOP/s as a fraction of this machine's float32 matmul rate measured in the same run.
+Builds the real jitted step (`cfm.setup`, as cfm.train does; synthetic samples of exactly
+`--tokens` tokens, one device), then prints samples/s and tokens/s over timed steps (after
+compile and a warm-up step), XLA's cost-analysis FLOPs against the analytic count
+(`cfm.flops.omics_step_flops`), and the model FLOP/s as a fraction of this machine's float32
+matmul rate measured in the same run.
 Last line: `samples_per_s=<x> tokens_per_s=<y> flops_ratio=<r> matmul_fraction=<z>`.
 """
 
@@ -14,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 
 import jax
 
 from benchmarks.train_step import compile_with_flops, matmul_rate, time_steps
-from cfm import config_check, flops, train
-from cfm.data import omics_pipeline
-from cfm.parallel import mesh as mesh_lib
+from cfm import config_loader, flops, setup
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    import importlib.util
-    import pathlib
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", default="omics_base")
     ap.add_argument("--tokens", type=int, default=2048, help="genes (tokens) per sample")
@@ -34,26 +33,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "omics_mgm.py"
-    spec = importlib.util.spec_from_file_location("omics_mgm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("demo")
-    c.model.variant, c.model.dtype = args.variant, args.dtype
-    c.batch_size, c.data.max_tokens, c.mesh.data = args.batch, args.tokens, 1
-    c.data.synthetic_genes, c.data.synthetic_mutations, c.data.synthetic_cnv = args.tokens, 0, 0
-    c = config_check.validate_mgm(c)
+    c = config_loader.load_config(f"{ROOT}/configs/omics_mgm.py:demo", [
+        f"--config.model.variant={args.variant}", f"--config.model.dtype={args.dtype}",
+        f"--config.batch_size={args.batch}", f"--config.data.max_tokens={args.tokens}",
+        "--config.mesh.data=1", f"--config.data.synthetic_genes={args.tokens}",
+        "--config.data.synthetic_mutations=0", "--config.data.synthetic_cnv=0"])
 
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    models = train.build_models(c)
-    state, shardings, tx = train.create_state(c, models, mesh)
-    local = next(omics_pipeline.make_train_iterator(c))
-    step = train.jit_train_step(c, models, tx, 0, mesh, shardings,
-                                {k: v.ndim for k, v in local.items()})
-    batch = train.global_batch(local, mesh)
-    compiled, compile_s, xla = compile_with_flops(step, state, batch)
+    s = setup.setup(c, jax.devices()[:1])  # fills vocab_size/n_bins from the data
+    c = s.config
+    state = setup.create_state(s)
+    batch = setup.global_batch(s, next(s.objective.batches(c, 0, 0, 1)))
+    with jax.set_mesh(s.mesh):  # as cfm.train runs the step
+        compiled, compile_s, xla = compile_with_flops(s.step, state, batch)
+        state, out, step_s = time_steps(compiled, state, batch, args.steps)
     model = flops.omics_step_flops(c, args.tokens)["total"]
-    state, out, step_s = time_steps(compiled, state, batch, args.steps)
     peak = matmul_rate()
     print(f"variant {args.variant}, {args.tokens} tokens x batch {args.batch}, dtype "
           f"{args.dtype}, {jax.devices()[0].device_kind} x{os.cpu_count()} cores")

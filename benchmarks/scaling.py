@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import importlib.util
 import json
 import os
 import pathlib
@@ -92,27 +91,28 @@ def refresh(r: dict) -> dict:
     if "error" in r or r.get("skipped"):
         return r
     sys.path.insert(0, str(ROOT))
-    from cfm import aot, flops
-    from cfm.data import pipeline
-    from cfm.models import vit
+    from cfm import aot, objectives
+    from cfm.parallel import topology
 
-    if "model_flops_student_backbone" not in r:
-        c = load_config(r["preset"])
-        c.batch_size = r["batch_size"]
-        parts = flops.dino_step_flops(
-            c, pipeline.mask_buffer_size_for(c, vit.spec(c.model.variant).patch))
-        r["model_flops_student_backbone"] = parts["student_backbone"]
-        r["xla_cost_counts_scan_body_once"] = r["scan_layers"]
-    r.update(aot._estimate(r, aot.parse_topology(r["topology"]), r["n_chips"]))
+    if "model_flops_backbone" not in r:  # cached by an older cfm.aot
+        if "model_flops_student_backbone" in r:  # its name before cfm.aot ran any objective
+            r["model_flops_backbone"] = r.pop("model_flops_student_backbone")
+        else:
+            c = load_config(r["preset"], [f"--config.batch_size={r['batch_size']}"])
+            r["model_flops_backbone"] = objectives.get(c).flops(c)["backbone"]
+            r["xla_cost_counts_scan_body_once"] = r["scan_layers"]
+    r.setdefault("objective", "dinov2")  # every row is a configs/dino_vit.py preset
+    r.update(aot._estimate(r, topology.parse_topology(r["topology"]), r["n_chips"]))
     r.update(aot._fits(r))
     return r
 
 
-def load_config(preset: str):
-    spec = importlib.util.spec_from_file_location("dino_vit", ROOT / "configs" / "dino_vit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()):
+    """configs/dino_vit.py:<preset> with `--config.key=value` overrides, as cfm.aot reads it."""
+    sys.path.insert(0, str(ROOT))
+    from cfm import config_loader
+
+    return config_loader.load_config(f"{ROOT}/configs/dino_vit.py:{preset}", overrides)
 
 
 def plan(quick: bool) -> list[tuple]:

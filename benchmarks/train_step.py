@@ -24,7 +24,6 @@ speed up CPU training:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
@@ -37,17 +36,15 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cfm import flops, train  # noqa: E402
-from cfm.models import vit  # noqa: E402
-from cfm.parallel import mesh as mesh_lib  # noqa: E402
+from cfm import config_loader, flops, setup  # noqa: E402
 from cfm.data import masking  # noqa: E402
+from cfm.models import vit  # noqa: E402
+from cfm.ssl import dinov2  # noqa: E402
 
 
-def load_config(arg: str):
-    spec = importlib.util.spec_from_file_location("dino_vit", ROOT / "configs" / "dino_vit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+def load_config(arg: str, overrides: list[str] | tuple[str, ...] = ()):
+    """configs/dino_vit.py:<arg> with `--config.key=value` overrides, as cfm.train reads it."""
+    return config_loader.load_config(f"{ROOT}/configs/dino_vit.py:{arg}", overrides)
 
 
 def matmul_rate(n: int = 2048, reps: int = 8) -> float:
@@ -135,12 +132,11 @@ def main() -> None:
     patch = vit.spec(c.model.variant).patch
     grid = args.global_size // patch
     n_crops = 2 * args.batch
-    buffer = masking.mask_buffer_size(n_crops, grid * grid, c.ibot.mask_sample_probability,
-                                      c.ibot.mask_ratio_min_max)
 
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    models = train.build_models(c)
-    state, shardings, tx = train.create_state(c, models, mesh)
+    s = setup.setup(c, jax.devices()[:1])  # the trainer's models, state layout and jitted step
+    c = s.config
+    buffer = dinov2.buffer_size(c)  # the step's masked-token buffer
+    state = setup.create_state(s)
     rng = np.random.default_rng(0)
     masks = masking.sample_batch_masks(rng, n_crops, (grid, grid), c.ibot.mask_sample_probability,
                                        c.ibot.mask_ratio_min_max, c.ibot.min_block_patches,
@@ -152,13 +148,11 @@ def main() -> None:
                                              args.local_size, 3), dtype=np.uint8),
         "masks": masks.reshape(args.batch, 2, grid * grid),
     }
-    step = train.jit_train_step(c, models, tx, buffer, mesh, shardings,
-                                {k: v.ndim for k, v in local.items()})
-    batch = train.global_batch(local, mesh)
-    compiled, compile_s, xla_flops = compile_with_flops(step, state, batch)
+    batch = setup.global_batch(s, local)
+    with jax.set_mesh(s.mesh):  # as cfm.train runs the step
+        compiled, compile_s, xla_flops = compile_with_flops(s.step, state, batch)
+        state, out, step_s = time_steps(compiled, state, batch, args.steps)
     model = flops.dino_step_flops(c, buffer)
-
-    state, out, step_s = time_steps(compiled, state, batch, args.steps)
     peak = matmul_rate()
 
     images_per_s = args.batch / step_s
