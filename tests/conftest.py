@@ -1,7 +1,6 @@
 """Test set-up: 8 forced CPU devices (so sharded code can be checked against 1 device) and the
 `../shared/data` locator. Set before jax is imported anywhere in the test process."""
 
-import importlib.util
 import os
 import pathlib
 
@@ -24,11 +23,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def load_config(name: str = "dino_vit.py", arg: str = "test"):
-    """get_config(arg) from configs/<name>, imported by path as the CLI does."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", ROOT / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """The config of `--config configs/<name>:<arg>`, read by `cfm.config_loader` as every
+    command line reads it."""
+    from cfm import config_loader  # after the XLA/JAX settings above
+
+    return config_loader.load_config(f"{ROOT}/configs/{name}:{arg}")
 
 
 @pytest.fixture

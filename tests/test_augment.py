@@ -1,8 +1,6 @@
 """Multi-crop augmentation: shapes, determinism, and that each forced augmentation does its job."""
 
 import hashlib
-import importlib.util
-import pathlib
 
 import numpy as np
 import PIL
@@ -12,15 +10,10 @@ from PIL import Image
 from cfm.data import augment
 from cfm.data.augment import _N_DRAWS, _N_HED_DRAWS, MultiCrop, hed_jitter, hed_to_rgb, rgb_to_hed
 from cfm.data.sources import SyntheticSource
-
-_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "dino_vit.py"
-
+from tests.conftest import load_config
 
 def _preset(name):
-    spec = importlib.util.spec_from_file_location("dino_vit_config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+    return load_config("dino_vit.py", name)
 
 
 def _config():

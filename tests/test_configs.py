@@ -3,7 +3,7 @@ otherwise only show when someone runs it)."""
 
 import pytest
 
-from cfm import config_check
+from cfm import config_check, objectives
 from tests.conftest import ROOT, load_config
 
 DINO = ["demo", "test", "vit_s16", "vit_b16", "vit_l16", "vit_g14", "uni", "phikon2"]
@@ -16,8 +16,11 @@ def test_dino_presets_validate(arg):
 
 @pytest.mark.parametrize("arg", ["test", "demo"])
 def test_omics_presets_validate(arg):
-    c = config_check.validate_mgm(load_config("omics_mgm.py", arg))
+    raw = load_config("omics_mgm.py", arg)
+    assert config_check.validate_mgm(raw) is None  # checks only
+    c = objectives.get(raw).prepare_config(raw)  # fills vocab_size/n_bins from the data
     assert c.model.vocab_size > 2 and c.model.n_bins > 1
+    assert (raw.model.vocab_size, raw.model.n_bins) == (-1, -1)  # a copy: the input unchanged
 
 
 @pytest.mark.parametrize("arg", ["test", "uni", "vit_g14"])

@@ -66,3 +66,44 @@ def test_single_slice_is_the_plain_mesh():
         np.vectorize(lambda d: d.id)(m.devices),
         np.vectorize(lambda d: d.id)(mesh_lib.make_mesh(_cfg(fsdp=2)).devices))
     assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("zero3_axis", ["fsdp", ""])
+def test_zero3_axis_decides_whether_biases_are_sharded(zero3_axis):
+    """On an fsdp=8 mesh the default (`sharding.zero3_axis=fsdp`) spreads a parameter the rules
+    leave without `fsdp` (an MLP or qkv bias, the weight-norm scale of the DINO head) over fsdp
+    on its longest divisible axis, its teacher copy and Adam moments with it;
+    `zero3_axis=''` leaves it replicated. Parameters with an `embed` axis (weights, norms) are
+    sharded by the rules either way."""
+    from jax.sharding import PartitionSpec as P
+
+    from cfm import setup
+    from tests.conftest import load_config
+
+    c = load_config("dino_vit.py", "test")
+    c.mesh.data, c.mesh.fsdp, c.sharding.min_shard_size = 1, 8, 0
+    c.sharding.zero3_axis = zero3_axis
+    s = setup.setup(c, jax.devices()[:8])  # shapes and shardings only, nothing allocated
+    sh = s.shardings
+    fc1_bias = lambda tree: tree["backbone"]["block_0"]["mlp"]["fc1"]["bias"]  # noqa: E731
+    left_whole = {  # tensor=1: 'tensor' alone splits nothing
+        "fc1 bias": (fc1_bias(sh.params), P(("fsdp", "tensor")), P("tensor")),
+        "teacher fc1 bias": (fc1_bias(sh.teacher), P(("fsdp", "tensor")), P("tensor")),
+        "Adam mu fc1 bias": (fc1_bias(sh.opt_state.adam.mu), P(("fsdp", "tensor")),
+                             P("tensor")),
+        "Adam nu fc1 bias": (fc1_bias(sh.opt_state.adam.nu), P(("fsdp", "tensor")),
+                             P("tensor")),
+        "qkv bias": (sh.params["backbone"]["block_0"]["attn"]["qkv_bias"],
+                     P(None, "tensor", "fsdp"), P(None, "tensor", None)),
+        "head scale": (sh.params["dino_head"]["last_layer"]["scale"], P(("fsdp", "tensor")),
+                       P("tensor")),
+    }
+    for name, (got, sharded, replicated) in left_whole.items():
+        if zero3_axis:
+            assert got.spec == sharded and not got.is_fully_replicated, (name, got.spec)
+        else:
+            assert got.spec == replicated and got.is_fully_replicated, (name, got.spec)
+    backbone = sh.params["backbone"]
+    for got, spec in ((backbone["norm"]["scale"], P("fsdp")),
+                      (backbone["block_0"]["mlp"]["fc1"]["kernel"], P("fsdp", "tensor"))):
+        assert got.spec == spec and not got.is_fully_replicated

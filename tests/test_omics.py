@@ -11,10 +11,9 @@ import pytest
 
 import flax.linen as nn
 
-from cfm import config_check, export, init_from, pretrained, train
+from cfm import config_check, export, init_from, pretrained, setup, train
 from cfm.data import omics_pipeline
 from cfm.models import omics
-from cfm.parallel import mesh as mesh_lib
 from cfm.ssl import mgm
 from tests.conftest import load_config
 
@@ -28,7 +27,7 @@ def _cfg(**overrides):
         for p in parents:
             node = node[p]
         node[last] = value
-    return config_check.validate_mgm(c)
+    return mgm.prepare_config(c)  # checks, and fills vocab_size/n_bins from the data
 
 
 def _batch(n_tokens=12, b=3, seed=0):
@@ -100,17 +99,15 @@ def test_batches_are_a_function_of_step_and_hosts_split_them():
 
 
 def _run_steps(c, devices, n_steps=2):
-    mesh = mesh_lib.make_mesh(c.mesh, devices)
-    models = train.build_models(c)
-    state, shardings, tx = train.create_state(c, models, mesh)
-    it = omics_pipeline.make_train_iterator(c)
+    s = setup.setup(c, devices)
+    assert s.objective is mgm.OBJECTIVE
+    state = setup.create_state(s)
+    it = s.objective.batches(s.config, 0, 0, 1)
     batches = [next(it) for _ in range(n_steps)]
-    step = train.jit_train_step(c, models, tx, 0, mesh, shardings,
-                                {k: v.ndim for k, v in batches[0].items()})
     outs = []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(s.mesh):
         for b in batches:
-            state, out = step(state, train.global_batch(b, mesh))
+            state, out = s.step(state, setup.global_batch(s, b))
             outs.append(jax.device_get(out))
     return jax.device_get(state), outs
 
@@ -145,9 +142,9 @@ def test_loss_falls_resumes_and_checkpoints(run):
     # The objective on 4 fixed batches and masks: the trained network beats its initialisation
     # (single logged batches of 8 samples are too noisy to compare).
     c = _cfg()
-    models = train.build_models(c)
+    models = mgm.OBJECTIVE.build_models(c)
     trained = init_from.read_checkpoint_params(str(run))[1]
-    initial = nn.meta.unbox(train._init_params(c, models, jax.random.key(c.seed)))
+    initial = nn.meta.unbox(mgm.OBJECTIVE.init_params(c, models, jax.random.key(c.seed)))
     it = omics_pipeline.make_train_iterator(c)
     batches = [next(it) for _ in range(4)]
     objective = jax.jit(lambda p, b, r: mgm.objective(c, models.backbone, models.mgm_head, p,

@@ -1,9 +1,7 @@
 """Sources, the grain pipeline's determinism contract across hosts / resumes, and demo_tiles."""
 
-import importlib.util
 import io
 import os
-import pathlib
 import sys
 
 import numpy as np
@@ -16,16 +14,13 @@ from cfm.data.pipeline import make_train_iterator, mask_buffer_size_for
 from cfm.data.records import encode_tile
 from cfm.data.sources import FolderSource, ShardSource, SyntheticSource, make_source
 from data_prep import demo_tiles
+from tests.conftest import load_config
 
-_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "dino_vit.py"
 PATCH = 8  # test preset: 32-pixel global crops -> 4 x 4 patch grid
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("dino_vit_config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("test")
+    c = load_config("dino_vit.py", "test")
     c.data.synthetic_size = 12  # an epoch ends mid-batch, so resumes cross epoch boundaries
     return c
 

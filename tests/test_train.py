@@ -9,10 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from cfm import train
-from cfm.data import pipeline
-from cfm.models import vit
-from cfm.parallel import mesh as mesh_lib
+from cfm import config_check, setup, train
+from cfm.parallel import sharding
 from tests.conftest import ROOT, load_config
 
 
@@ -29,18 +27,14 @@ def _tiny(**overrides):
 
 
 def _run_steps(c, devices, n_steps):
-    mesh = mesh_lib.make_mesh(c.mesh, devices)
-    models = train.build_models(c)
-    state, shardings, tx = train.create_state(c, models, mesh)
-    patch = vit.spec(c.model.variant).patch
-    it = pipeline.make_train_iterator(c, patch_size=patch)
+    s = setup.setup(c, devices)
+    state = setup.create_state(s)
+    it = s.objective.batches(s.config, 0, 0, 1)
     batches = [next(it) for _ in range(n_steps)]
-    step = train.jit_train_step(c, models, tx, pipeline.mask_buffer_size_for(c, patch), mesh,
-                                shardings, {k: v.ndim for k, v in batches[0].items()})
     outs = []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(s.mesh):
         for b in batches:
-            state, out = step(state, train.global_batch(b, mesh))
+            state, out = s.step(state, setup.global_batch(s, b))
             outs.append(jax.device_get(out))
     return jax.device_get(state), outs
 
@@ -121,11 +115,18 @@ def _one_device_two_steps():
     return _run_steps(_tiny(), jax.devices()[:1], 2)
 
 
+# The default rules with the batch split over `data` only (fsdp devices then hold whole rows
+# of their data group's batch, and gather parameters all the same).
+DATA_ONLY_BATCH = tuple((name, ("data",) if name == "act_batch" else axes)
+                        for name, axes in sharding.DEFAULT_RULES)
+
+
 @pytest.mark.parametrize("mesh_shape", [
     {"mesh.data": 8},
     {"mesh.fsdp": 8},
     {"mesh.fsdp": 2, "mesh.tensor": 2},
     {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+    {"mesh.data": 2, "mesh.fsdp": 4, "sharding.rules": DATA_ONLY_BATCH},
 ])
 def test_fsdp_and_tensor_meshes_match_single_device(mesh_shape):
     """Two DINOv2 steps with parameters, teacher and Adam moments sharded (FSDP) and heads/MLP/
@@ -133,10 +134,9 @@ def test_fsdp_and_tensor_meshes_match_single_device(mesh_shape):
     s1, o1 = _one_device_two_steps()
     c8 = _tiny(**{"mesh.data": 1, **mesh_shape, "sharding.min_shard_size": 0})
     n = c8.mesh.data * c8.mesh.fsdp * c8.mesh.tensor
-    mesh = mesh_lib.make_mesh(c8.mesh, jax.devices()[:n])
-    models = train.build_models(c8)
-    state, shardings, _ = train.create_state(c8, models, mesh)
-    kernel = shardings.params["backbone"]["block_0"]["mlp"]["fc1"]["kernel"]
+    s = setup.setup(c8, jax.devices()[:n])
+    state = setup.create_state(s)
+    kernel = s.shardings.params["backbone"]["block_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     shard = state.opt_state.adam.mu["backbone"]["block_0"]["mlp"]["fc1"]["kernel"]
     rows, cols = kernel.shard_shape((32, 64))
@@ -152,6 +152,42 @@ def test_fsdp_and_tensor_meshes_match_single_device(mesh_shape):
                  s8.params)
     jax.tree.map(lambda x, y: _assert_close_but_adam_sign_flips(x, y, max_lr), s1.teacher,
                  s8.teacher)
+
+
+def test_batch_layout_follows_the_rules():
+    """`act_batch` -> ("data",) on a data=2 x fsdp=4 mesh: global batches are split over `data`
+    only (the 4 fsdp devices of a data row hold the same half), and the batch size must divide
+    by data alone; the default rules split over data x fsdp."""
+    c = _tiny(**{"mesh.data": 2, "mesh.fsdp": 4, "batch_size": 6,
+                 "sharding.rules": DATA_ONLY_BATCH})
+    s = setup.setup(c, jax.devices()[:8])  # 6 rows: divides by data=2, not by data*fsdp=8
+    assert sharding.batch_axes(s.rules) == ("data",)
+    assert sharding.batch_shards(s.mesh, s.rules) == 2
+    local = next(s.objective.batches(s.config, 0, 0, 1))
+    assert {k: v.shape for k, v in local.items()} == {k: shape for k, (shape, _) in
+                                                      s.batch_spec.items()}
+    batch = setup.global_batch(s, local)
+    devices = s.mesh.devices  # [data, fsdp, tensor]
+    for k, x in batch.items():
+        assert x.shape == local[k].shape
+        rows = {sh.device: sh.index[0] for sh in x.addressable_shards}
+        for i in range(2):
+            for j in range(4):
+                assert rows[devices[i, j, 0]] == slice(3 * i, 3 * (i + 1)), (k, i, j)
+        for sh in x.addressable_shards:
+            np.testing.assert_array_equal(sh.data, local[k][sh.index])
+    setup.check_batch(s.config, s.mesh, s.rules)
+    with pytest.raises(config_check.ConfigError, match=r"batch_size=3: must divide by data=2"):
+        setup.setup(_tiny(**{"mesh.data": 2, "mesh.fsdp": 4, "batch_size": 3,
+                             "sharding.rules": DATA_ONLY_BATCH}), jax.devices()[:8])
+    default = _tiny(**{"mesh.data": 2, "mesh.fsdp": 4, "batch_size": 6})
+    with pytest.raises(config_check.ConfigError, match=r"batch_size=6: must divide by "
+                                                       r"data\*fsdp=8"):
+        setup.setup(default, jax.devices()[:8])
+    default.batch_size = 8
+    s8 = setup.setup(default, jax.devices()[:8])
+    x = setup.global_batch(s8, next(s8.objective.batches(s8.config, 0, 0, 1)))["masks"]
+    assert sorted(sh.index[0].start for sh in x.addressable_shards) == list(range(8))
 
 
 def _assert_close_but_adam_sign_flips(x, y, max_lr: float, n_steps: int = 2) -> None:
