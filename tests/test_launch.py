@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from launch import local, slurm, tpu
+from launch import common, local, slurm, tpu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ["python", "-m", "cfm.train", "--config", "configs/dino_vit.py:vit_l16"]
@@ -192,6 +192,14 @@ def test_slurm_dry_run_two_nodes_and_array(capsys):
     (local.main, ["--num-processes", "3", "--devices-per-process", "2", "--", "python", "-m",
                   "cfm.train", "--config", "configs/dino_vit.py:test", "--workdir", "/tmp/r"],
      "batch size 8 (config.batch_size) does not divide over the 6 devices of 3 processes"),
+    # the job's own --config.key overrides are applied before the check (8 divides over 4)
+    (local.main, ["--num-processes", "2", "--devices-per-process", "2", "--", "python", "-m",
+                  "cfm.train", "--config", "configs/dino_vit.py:test", "--workdir", "/tmp/r",
+                  "--config.batch_size=6"],
+     "batch size 6 (config.batch_size) does not divide over the 4 devices of 2 processes"),
+    (local.main, ["--num-processes", "2", "--", "python", "-m", "cfm.train", "--config",
+                  "configs/dino_vit.py:test", "--workdir", "/tmp/r", "--config.batch_sise=8"],
+     "cannot build the config"),
     (local.main, ["--num-processes", "0", "--", "python", "-c", "pass"],
      "--num-processes must be >= 1"),
     (local.main, ["--num-processes", "2"], "no job command"),
@@ -216,6 +224,26 @@ def test_bad_input_exits_2_before_anything_runs(main, argv, message, capsys, mon
         argv += ["--", *TRAIN, "--workdir", "/r"]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_job_config_is_the_one_the_job_runs_with():
+    """load_job_config applies the job's --config.key=value and --config.key value overrides
+    (as cfm.train parses them); config_int reads dotted keys; check_batch sees the override."""
+    job = ["python", "-m", "cfm.train", "--config", "configs/dino_vit.py:test", "--workdir",
+           "/w", "--config.batch_size=12", "--config.mesh.slices", "3"]
+    config = common.load_job_config(job)
+    assert common.config_int(config, "batch_size") == 12
+    assert common.config_int(config, "mesh.slices") == 3
+    assert common.config_int(config, "mesh.nope") is None
+    assert common.config_int(config, "nope.batch_size") is None
+    assert common.config_int(common.load_job_config(job[:7]), "batch_size") == 8
+    assert common.load_job_config(["python", "-c", "pass"]) is None
+    assert common.check_batch(job, 6, "6 devices") is not None  # 12 divides over 6
+    with pytest.raises(common.LaunchError, match=r"batch size 12 \(config.batch_size\) does not "
+                                                 "divide over the 8 devices of here"):
+        common.check_batch(job, 8, "here")
+    with pytest.raises(common.LaunchError, match="batch_size"):
+        common.load_job_config(job[:7] + ["--config.batch_size=big"])
 
 
 # ---- the local launcher ------------------------------------------------------------------
