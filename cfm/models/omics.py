@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from cfm.data.omics_records import MODALITIES, N_CLASSES, PAD_ID
 from cfm.models import ops
-from cfm.models.vit import TRUNC, Block, _init, _norm
+from cfm.models.vit import TRUNC, Block, _init, _norm, lookup
 
 # name -> (width, depth, heads, mlp hidden).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -59,9 +59,7 @@ class OmicsSpec:
 
 def spec(variant: str) -> OmicsSpec:
     """The sizes of a named variant, with a clear error for an unknown name."""
-    if variant not in VARIANTS:
-        raise ValueError(f"model.variant={variant!r} is not one of {sorted(VARIANTS)}")
-    return OmicsSpec(*VARIANTS[variant])
+    return lookup(VARIANTS, variant, OmicsSpec)
 
 
 def n_value_classes(n_bins: int) -> int:

@@ -52,11 +52,17 @@ class ViTSpec:
     patch: int
 
 
+def lookup(table: dict[str, tuple[int, ...]], variant: str, spec_type: type) -> Any:
+    """`spec_type(*table[variant])`, with a clear error for an unknown name (the ViT's and the
+    omics transformer's variant tables)."""
+    if variant not in table:
+        raise ValueError(f"model.variant={variant!r} is not one of {sorted(table)}")
+    return spec_type(*table[variant])
+
+
 def spec(variant: str) -> ViTSpec:
     """The sizes of a named variant, with a clear error for an unknown name."""
-    if variant not in VARIANTS:
-        raise ValueError(f"model.variant={variant!r} is not one of {sorted(VARIANTS)}")
-    return ViTSpec(*VARIANTS[variant])
+    return lookup(VARIANTS, variant, ViTSpec)
 
 
 def swiglu_hidden(mlp_dim: int) -> int:
