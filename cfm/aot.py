@@ -37,6 +37,7 @@ import numpy as np
 from cfm.parallel.topology import (CHIPS, EXAMPLES, GiB, Topology, TopologyError,
                                    parse_topology, prepare_environment, topology_devices)
 
+
 class AotError(Exception):
     """Bad input (topology, mesh, batch, config, missing libtpu): exit status 2."""
 

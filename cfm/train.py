@@ -22,7 +22,8 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from cfm import checkpoint, config_check, config_loader, init_from, metrics, preemption, schedules, setup
+from cfm import (checkpoint, config_check, config_loader, init_from, metrics, preemption,
+                 schedules, setup)
 from cfm.parallel import distributed
 
 

@@ -51,7 +51,7 @@ import sys
 import time
 from typing import NamedTuple, Sequence
 
-from cfm import aot
+from cfm.parallel import topology as topology_lib
 from launch import cli, common
 
 PROG = "launch.tpu"
@@ -74,8 +74,8 @@ class Slice(NamedTuple):
 def slice_for(topology: str) -> tuple[str, Slice]:
     """(generation, Slice) for a cfm.aot topology name; LaunchError if it is not a TPU one."""
     try:
-        topo = aot.parse_topology(topology)
-    except aot.AotError as e:
+        topo = topology_lib.parse_topology(topology)
+    except topology_lib.TopologyError as e:
         raise common.LaunchError(str(e)) from None
     if topo.platform != "tpu":
         raise common.LaunchError(f"--topology={topology!r} is not a TPU topology")

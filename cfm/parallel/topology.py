@@ -55,7 +55,7 @@ def parse_topology(name: str) -> Topology:
     gen, sep, dims = name.strip().partition(":")
     gen = ALIASES.get(gen.lower(), gen.lower())
     bad = TopologyError(f"--topology={name!r}: unknown topology; use <generation>:<dims> with "
-                   f"generation one of {', '.join(CHIPS)} or cpu, e.g. {EXAMPLES}")
+                        f"generation one of {', '.join(CHIPS)} or cpu, e.g. {EXAMPLES}")
     if not sep:
         raise bad
     if gen == "cpu":
@@ -95,13 +95,13 @@ def topology_devices(topo: Topology) -> list:
     if topo.platform == "cpu":
         devices = jax.devices("cpu")
         if len(devices) < topo.n_chips:
-            raise TopologyError(f"--topology={topo.name}: this process has {len(devices)} CPU "
-                           "devices (JAX started before XLA_FLAGS could be set); run cfm.aot "
-                           "in a fresh process")
+            raise TopologyError(f"--topology={topo.name}: this process has {len(devices)} "
+                                "CPU devices (JAX started before XLA_FLAGS could be set); run "
+                                "cfm.aot in a fresh process")
         return devices[:topo.n_chips]
     if importlib.util.find_spec("libtpu") is None:
         raise TopologyError(f"--topology={topo.name} needs libtpu, which is not installed: "
-                       'pip install -e ".[tpu]" (jax[tpu] of the same version as jax)')
+                            'pip install -e ".[tpu]" (jax[tpu] of the same version as jax)')
     # v4 and v5p chips have two TensorCores; "megacore" makes each chip one JAX device.
     kwargs = {"chip_config_name": "megacore"} if CHIPS[topo.generation].ndim == 3 else {}
     try:
@@ -109,8 +109,8 @@ def topology_devices(topo: Topology) -> list:
                                             **kwargs)
     except Exception as e:  # noqa: BLE001 - libtpu raises JaxRuntimeError for bad shapes
         raise TopologyError(f"--topology={topo.name}: libtpu refused {topo.libtpu_name!r} "
-                       f"({str(e).splitlines()[0]}); valid examples: {EXAMPLES}") from None
+                            f"({str(e).splitlines()[0]}); valid examples: {EXAMPLES}") from None
     if len(desc.devices) != topo.n_chips:
-        raise TopologyError(f"--topology={topo.name}: libtpu gave {len(desc.devices)} devices for "
-                       f"{topo.n_chips} chips")
+        raise TopologyError(f"--topology={topo.name}: libtpu gave {len(desc.devices)} "
+                            f"devices for {topo.n_chips} chips")
     return list(desc.devices)
