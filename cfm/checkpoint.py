@@ -24,9 +24,20 @@ Reading:
   student and teacher for init_from) as host numpy arrays in the per-block layout, checked
   against the stored architecture, on any host whatever mesh the run used. `read_arrays` is the
   partial restore underneath (also used for an orbax export's `params` folder).
-- Damage: a step whose files do not read raises `CheckpointError` naming the step folder and
-  the other steps available; it is the one error type for a missing, damaged or mismatched
-  checkpoint or export (a RuntimeError and a ValueError, so either catches it).
+- Damage: a step whose files do not read raises `CheckpointError` naming the step folder, what
+  failed (in plain words: the innermost error's first line, or the metadata file that is
+  missing) and the other steps available; it is the one error type for a missing, damaged or
+  mismatched checkpoint or export (a RuntimeError and a ValueError, so either catches it).
+- Damage at a trainer's start (`restore`): the newest step that does not read is named with the
+  newest that does (older ones are tried in turn); with `config.damaged_checkpoints=
+  "set_aside"` each damaged step folder is moved (never deleted) to
+  `workdir/checkpoints_set_aside/<step>-damaged-<UTC time>/` and training continues from the
+  newest good step, so later saves at those step numbers succeed and a restart after a kill
+  resumes from the newest save. An explicit `resume_step=N` moves the steps after N aside
+  (`<step>-after-resume_step-N-<time>`) so that the resumed run can save them again.
+- Reads run under event loops that drop the callbacks tensorstore delivers after orbax has
+  closed the loop (a failed read leaves others in flight), so an error path prints its one
+  message and no "Event loop is closed" tracebacks.
 - Paths may be local or `gs://` (orbax and tensorstore read and write GCS directly).
 
 Also here: the numpy parameter-tree helpers that checkpoints and exports share (`map_dict`,
@@ -35,12 +46,19 @@ Also here: the numpy parameter-tree helpers that checkpoints and exports share (
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
 import os
-from typing import Any, NamedTuple, Sequence
+import re
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from cfm.models.backbone import ArchitectureError, abstract_params, architecture
 
@@ -136,6 +154,31 @@ def checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
     return ckpt_dir, steps
 
 
+SET_ASIDE_DIR = "checkpoints_set_aside"  # beside checkpoints/: orbax no longer lists them
+
+
+def reason(err: BaseException, step_dir: str | None = None) -> str:
+    """Why a checkpoint did not read, in plain words on one line: a missing `state/_METADATA`
+    or `state/manifest.ocdbt` (orbax's own errors then are about pytree types or zarr), else
+    the first line of the innermost error of the chain (tensorstore's, e.g. 'OUT_OF_RANGE:
+    Error reading "teacher...kernel" ...'), without the object reprs orbax wraps around it."""
+    if step_dir is not None and "://" not in step_dir and os.path.isdir(step_dir):
+        state_dir = os.path.join(step_dir, "state")
+        ocdbt = os.path.isdir(state_dir) and any(n.startswith("ocdbt.process_")
+                                                 for n in os.listdir(state_dir))
+        need = ("state/_METADATA",) + (("state/manifest.ocdbt",) if ocdbt else ())
+        missing = [f for f in need if not os.path.exists(os.path.join(step_dir, f))]
+        if missing:
+            return f"{' and '.join(missing)} missing"
+    inner = err
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    text = re.split(r"See full TensorStore details| \[tensorstore_spec=", str(inner))[0]
+    text = re.sub(r"<[^<>]*\bat 0x[0-9a-f]+>|<bound method [^>]*>?", "...", text)
+    line = next((x.strip() for x in text.splitlines() if x.strip()), type(inner).__name__)
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
 def damaged(step_dir: str, step: int, steps: Sequence[int], what: str, err: Exception,
             resume_flag: str | None = None) -> CheckpointError:
     """The error for a step whose files do not read: it names the step folder, what failed and
@@ -148,7 +191,53 @@ def damaged(step_dir: str, step: int, steps: Sequence[int], what: str, err: Exce
     else:
         hint = f"; other steps: {others}" if others else "; no other checkpoint"
     return CheckpointError(f"checkpoint {step_dir} is damaged or incomplete: {what} "
-                           f"({type(err).__name__}: {str(err)[:300]}){hint}")
+                           f"({reason(err, step_dir)}){hint}")
+
+
+class _QuietLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops callbacks scheduled from other threads once it is closed.
+
+    orbax runs each read in a fresh loop and closes it as soon as one array fails; tensorstore
+    then completes the other reads on its own threads and calls `call_soon_threadsafe` on the
+    closed loop, which prints an "Event loop is closed" traceback per read. Nothing waits for
+    those results any more, so dropping them is all there is to do."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):  # type: ignore[override]
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _QuietPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _QuietLoop
+
+
+@contextlib.contextmanager
+def quiet_reads() -> Iterator[None]:
+    """Within it, new asyncio loops (orbax makes one per read) are `_QuietLoop`s."""
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_QuietPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(old)
+
+
+def set_aside(ckpt_dir: str, step: int, why: str) -> str:
+    """Move step folder `ckpt_dir/<step>` (nothing deleted) to
+    `<ckpt_dir>/../checkpoints_set_aside/<step>-<why>-<UTC time>/`, out of orbax's listing;
+    returns the new path. Call it on one process only."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    root = epath.Path(ckpt_dir).parent / SET_ASIDE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    dest, n = root / f"{step}-{why}-{stamp}", 1
+    while dest.exists():  # the same step set aside twice within a second
+        dest, n = root / f"{step}-{why}-{stamp}-{n}", n + 1
+    epath.Path(ckpt_dir, str(step)).rename(dest)
+    return str(dest)
 
 
 # ============================================================================ training ========
@@ -174,29 +263,107 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any,
         data=ocp.args.JsonSave(data)), force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+def _read_state(mngr: ocp.CheckpointManager, abstract_state: Any, step: int
+                ) -> tuple[Any, BaseException | None]:
+    """(state, None) when step `step` reads on every process, else (None, the error)."""
+    state, err = None, None
+    try:
+        with quiet_reads():
+            state = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad files
+        err = e
+    ok = err is None
+    if jax.process_count() > 1:  # every process reads its own slices: all must have read
+        ok = bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+        if not ok and err is None:
+            err = CheckpointError("another process could not read its part")
+    return (state, None) if ok else (None, err)
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps: Sequence[int], why: str) -> str:
+    """Move `steps` to the set-aside folder (process 0; the others wait), make `mngr` list the
+    steps anew and return that folder."""
+    ckpt_dir = str(mngr.directory)
+    if jax.process_index() == 0:
+        for step in steps:
+            set_aside(ckpt_dir, step, why)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("cfm.checkpoint.set_aside")
+    mngr.reload()
+    return os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), SET_ASIDE_DIR)
+
+
+def _steps(steps: Sequence[int]) -> str:
+    """'step 6' or 'steps 8, 6'."""
+    return ("step " if len(steps) == 1 else "steps ") + ", ".join(str(s) for s in steps)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None,
+            on_damage: str = "stop", log: Callable[[str], None] | None = None
             ) -> tuple[Any, int] | None:
-    """(state, step) from checkpoint `step` (default: the latest complete one), placed with
-    `abstract_state`'s shardings; None if there is no checkpoint. A missing step or damaged
-    files raise CheckpointError naming the checkpoint and the steps that exist."""
+    """(state, step) from checkpoint `step` (default: the newest that reads), placed with
+    `abstract_state`'s shardings; None if there is none (a new run).
+
+    Default: when the newest steps do not read, older ones are tried until one does, and a
+    CheckpointError names the damaged steps, what failed and the newest good step; with
+    `on_damage="set_aside"` the damaged step folders are moved to `checkpoints_set_aside/`
+    instead (nothing deleted; start from step 0 if no step reads) and that good step is
+    returned. An explicit `step` must exist and read (CheckpointError naming the steps that
+    exist); the steps after it are moved aside so the resumed run can save them again. `log`
+    receives a line for every move."""
+    say = log or (lambda line: None)
     steps = sorted(mngr.all_steps())
     if not steps:
         if step is not None:
             raise CheckpointError(f"config.resume_step={step}: {mngr.directory} holds no "
                                   "checkpoint")
         return None
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"config.resume_step={step}: no such checkpoint in "
-                              f"{mngr.directory}; it holds steps {steps}")
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # orbax/tensorstore raise many types for damaged or missing files
-        raise damaged(os.path.join(str(mngr.directory), str(step)), step, steps,
-                      "the state does not read", e, "--config.resume_step") from e
-    return restored["state"], step
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"config.resume_step={step}: no such checkpoint in "
+                                  f"{mngr.directory}; it holds steps {steps}")
+        state, err = _read_state(mngr, abstract_state, step)
+        if err is not None:
+            raise damaged(os.path.join(str(mngr.directory), str(step)), step, steps,
+                          "the state does not read", err, "--config.resume_step")
+        newer = [s for s in steps if s > step]
+        if newer:
+            where = _move_aside(mngr, newer, f"after-resume_step-{step}")
+            say(f"config.resume_step={step}: {_steps(newer)} moved to {where}/ (nothing "
+                f"deleted) so that this run saves them again; restart it without "
+                f"--config.resume_step, or it goes back to step {step} again")
+        return state, step
+
+    bad: list[tuple[int, str]] = []
+    good, state = None, None
+    for s in reversed(steps):
+        state, err = _read_state(mngr, abstract_state, s)
+        if err is None:
+            good = s
+            break
+        bad.append((s, reason(err, os.path.join(str(mngr.directory), str(s)))))
+    if not bad:
+        return state, good
+    names = [s for s, _ in bad]
+    what = bad[0][1] if len(bad) == 1 else "; ".join(f"step {s}: {r}" for s, r in bad)
+    older = [s for s in steps if good is not None and s < good]
+    good_text = ("no step reads" if good is None else f"the newest good step is {good}"
+                 + (f" (older, not read now: {older})" if older else ""))
+    verb = "does" if len(bad) == 1 else "do"
+    if on_damage != "set_aside":
+        then = "start from step 0" if good is None else f"continue from step {good}"
+        raise CheckpointError(
+            f"damaged checkpoint in {mngr.directory}: {_steps(names)} {verb} not read "
+            f"({what}); {good_text}. To {then}, run again with "
+            f"--config.damaged_checkpoints=set_aside (moves {_steps(names)} to "
+            f"{os.path.join(os.path.dirname(str(mngr.directory).rstrip('/')), SET_ASIDE_DIR)}"
+            "/, deletes nothing)")
+    where = _move_aside(mngr, names, "damaged")
+    say(f"damaged checkpoint: {_steps(names)} {verb} not read ({what}); moved to {where}/ "
+        f"(nothing deleted); {good_text}"
+        + ("; starting from step 0" if good is None else f"; continuing from step {good}"))
+    return None if good is None else (state, good)
 
 
 # ============================================================================ host reads ======
@@ -219,7 +386,8 @@ def read_config(workdir: str, step: int | None = None) -> StepConfig:
                               f"available steps {steps}")
     step_dir = os.path.join(ckpt_dir, str(step))
     try:
-        with ocp.CheckpointManager(ckpt_dir, item_names=("state", "config")) as mngr:
+        with quiet_reads(), ocp.CheckpointManager(ckpt_dir,
+                                                  item_names=("state", "config")) as mngr:
             config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         config = dict(config["config"])
         arch = architecture(config["model"])
@@ -249,8 +417,11 @@ def read_arrays(folder: str, paths: Sequence[tuple[str, ...]] | None = None) -> 
     """The orbax PyTree checkpoint at `folder` (a step's `state`, an orbax export's `params`)
     as nested dicts of host numpy arrays in their stored dtypes; `paths` (key tuples) reads only
     those sub-trees from disk (absent or empty ones are left out). Errors pass through."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(folder).item_metadata.tree
+    # the handler's metadata: the tree alone (the checkpointer's also looks for a step-level
+    # _CHECKPOINT_METADATA inside `folder` and warns that a step's state/ has none)
+    with quiet_reads(), ocp.PyTreeCheckpointer() as ckptr, contextlib.closing(
+            ocp.PyTreeCheckpointHandler()) as handler:
+        meta = handler.metadata(epath.Path(folder)).tree
         if paths is not None:
             meta = _select(meta, paths)
         return ckptr.restore(folder, args=ocp.args.PyTreeRestore(

@@ -29,6 +29,14 @@ def _get(config: ml_collections.ConfigDict, key: str):
     return node
 
 
+def _check_damaged(config: ml_collections.ConfigDict) -> None:
+    """config.damaged_checkpoints (cfm/run_config.py) is one of its two choices."""
+    value = config.damaged_checkpoints
+    _check(value in ("stop", "set_aside"), "damaged_checkpoints", value,
+           "use stop (exit, naming the damaged steps) or set_aside (move them aside, continue "
+           "from the newest good step)")
+
+
 def validate_dino(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for the first value that cannot work."""
     g = lambda k: _get(config, k)  # noqa: E731
@@ -45,6 +53,7 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
            g("resume_step"), "must be -1 (the latest checkpoint) or a step >= 0")
     _check(isinstance(g("init_from_step"), int) and g("init_from_step") >= -1, "init_from_step",
            g("init_from_step"), "must be -1 (the latest checkpoint) or a step >= 0")
+    _check_damaged(config)
     _check(g("total_steps") == -1 or g("total_steps") > 0, "total_steps", g("total_steps"),
            "must be -1 (epochs * steps_per_epoch) or positive")
     _check(g("model.variant") in vit.VARIANTS, "model.variant", g("model.variant"),
@@ -105,6 +114,7 @@ def validate_mgm(config: ml_collections.ConfigDict) -> None:
     for k in ["resume_step", "init_from_step"]:
         _check(isinstance(g(k), int) and g(k) >= -1, k, g(k),
                "must be -1 (the latest checkpoint) or a step >= 0")
+    _check_damaged(config)
     _check(g("total_steps") == -1 or g("total_steps") > 0, "total_steps", g("total_steps"),
            "must be -1 (epochs * steps_per_epoch) or positive")
     _check(g("model.variant") in omics.VARIANTS, "model.variant", g("model.variant"),

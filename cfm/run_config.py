@@ -31,6 +31,12 @@ def add_run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the last K checkpoints are kept ...
     c.keep_every = 0  # ... and every step divisible by this (0: none), e.g. for evaluations
     c.resume_step = -1  # -1: resume from the latest complete checkpoint; N: from step N
+    # (the steps after N are moved to workdir/checkpoints_set_aside/, so the run saves them anew)
+    # When the newest checkpoints do not read (damaged files): "stop" exits 2 naming the
+    # damaged steps and the newest good one; "set_aside" moves each damaged step folder to
+    # workdir/checkpoints_set_aside/<step>-damaged-<time>/ (never deleted) and continues from
+    # the newest good step (step 0 if none reads). cfm/checkpoint.py restore.
+    c.damaged_checkpoints = "stop"
     # A new run (step 0, fresh optimiser) from pretrained weights: a cfm.train workdir (student
     # and teacher of its latest checkpoint, or of init_from_step) or a cfm.export folder (its
     # backbone). Ignored when --workdir holds checkpoints (the run resumes). cfm/init_from.py.

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cfm import checkpoint, setup, train
-from tests.conftest import ROOT, damage_checkpoint
+from cfm import checkpoint, config_check, setup, train
+from tests.conftest import ROOT, damage_checkpoint, load_config
 from tests.test_train import _tiny
 
 TIMEOUT_S = 300
@@ -156,7 +156,7 @@ def test_damaged_checkpoint_is_named_and_resume_step_picks_an_older_one(run_10, 
     with pytest.raises(Exception) as err:
         train.train(_tiny(total_steps=11, **{"mesh.data": -1}), str(w))
     msg = str(err.value)
-    assert "checkpoints/10" in msg and "resume_step=8" in msg, msg
+    assert "step 10 does not read" in msg and "newest good step is 8" in msg, msg
     with pytest.raises(Exception, match=r"resume_step=7: no such checkpoint.*\[4, 8, 10\]|"
                                         r"resume_step=7: no such checkpoint.*\[4, 6, 8, 10\]"):
         train.train(_tiny(total_steps=11, resume_step=7, **{"mesh.data": -1}), str(w))
@@ -174,3 +174,135 @@ def test_finished_run_started_again_does_nothing(run_10, capsys):
     capsys.readouterr()
     assert train.train(_tiny(total_steps=10, **{"mesh.data": -1}), str(run_10)) == {}
     assert "nothing to do" in capsys.readouterr().out
+
+
+# ---- damaged checkpoints at start-up (issue 15, item 3), as a user meets them ----------------
+def _files(folder):
+    """{relative path: size} of every file under `folder`."""
+    return {os.path.relpath(os.path.join(r, n), folder): os.path.getsize(os.path.join(r, n))
+            for r, _, names in os.walk(folder) for n in names}
+
+
+def _one_line_error(proc, log):
+    """(exit status, the log) of a run that must stop with one clean line."""
+    rc, text = _wait(proc, log), log.read_text()
+    for bad in ("Traceback", "bad config", "bound method", "Event loop is closed"):
+        assert bad not in text, text
+    return rc, text
+
+
+@pytest.fixture(scope="module")
+def cli_run_6(tmp_path_factory):
+    """A `python -m cfm.train` run of 6 steps with checkpoints 2, 4, 6 (copied by each test)."""
+    w = tmp_path_factory.mktemp("cli6") / "w"
+    proc = _cli(w, w.parent / "run.log", "--config.total_steps=6", "--config.checkpoint_every=2")
+    assert _wait(proc, w.parent / "run.log") == 0, (w.parent / "run.log").read_text()
+    assert sorted(os.listdir(w / "checkpoints")) == ["2", "4", "6"]
+    return w
+
+
+def test_truncated_checkpoint_named_then_set_aside_and_a_kill_loses_nothing(cli_run_6, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(cli_run_6, w)
+    damage_checkpoint(w / "checkpoints" / "6")
+    damaged_files = _files(w / "checkpoints" / "6")
+    steps = ("--config.total_steps=10", "--config.checkpoint_every=2")
+    # default: exit 2, one line naming the damaged step and the good ones, nothing moved
+    rc, text = _one_line_error(_cli(w, tmp_path / "stop.log", *steps), tmp_path / "stop.log")
+    assert rc == 2, text
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("cfm.train: damaged checkpoint") and "step 6 does not read" in line
+    assert "newest good step is 4" in line and "[2]" in line, line
+    assert "--config.damaged_checkpoints=set_aside" in line, line
+    assert sorted(os.listdir(w / "checkpoints")) == ["2", "4", "6"]
+    assert not (w / checkpoint.SET_ASIDE_DIR).exists()
+
+    # set_aside: continues from step 4, step 6 moved aside untouched, saved again; kill -9
+    log = tmp_path / "aside.log"
+    proc = _cli(w, log, *steps, "--config.damaged_checkpoints=set_aside")
+    _wait_for_step(proc, w, log, 9)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    text = log.read_text()
+    assert "step 6 does not read" in text and "resumed from step 4" in text, text
+    (aside,) = os.listdir(w / checkpoint.SET_ASIDE_DIR)
+    assert aside.startswith("6-damaged-"), aside
+    assert _files(w / checkpoint.SET_ASIDE_DIR / aside) == damaged_files  # moved, untouched
+    kept = sorted(int(d) for d in os.listdir(w / "checkpoints") if d.isdigit())
+    assert 6 in kept and kept[-1] in (6, 8), kept  # step 6 saved again at its number
+    _final_state(w, 6)  # the new step 6 reads
+
+    # a later start without flags resumes from the newest save: nothing lost
+    log = tmp_path / "again.log"
+    assert _wait(_cli(w, log, *steps), log) == 0, log.read_text()
+    assert f"resumed from step {kept[-1]}" in log.read_text(), log.read_text()
+    assert _history(w)[-1]["step"] == 10
+
+
+def test_deleted_metadata_file_is_named_and_set_aside_continues(cli_run_6, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(cli_run_6, w)
+    os.remove(w / "checkpoints" / "6" / "state" / "_METADATA")
+    log = tmp_path / "stop.log"
+    rc, text = _one_line_error(_cli(w, log, "--config.total_steps=6"), log)
+    assert rc == 2, text
+    assert "step 6 does not read (state/_METADATA missing)" in text, text
+    assert "newest good step is 4" in text, text
+    log = tmp_path / "aside.log"
+    proc = _cli(w, log, "--config.total_steps=6", "--config.damaged_checkpoints=set_aside")
+    assert _wait(proc, log) == 0, log.read_text()
+    assert "resumed from step 4" in log.read_text()
+    assert sorted(os.listdir(w / "checkpoints")) == ["2", "4", "6"]  # 6 saved anew
+    (aside,) = os.listdir(w / checkpoint.SET_ASIDE_DIR)
+    assert not (w / checkpoint.SET_ASIDE_DIR / aside / "state" / "_METADATA").exists()
+
+
+def test_resume_step_with_newer_steps_moves_them_aside(cli_run_6, tmp_path):
+    """resume_step=2 with steps 4 and 6 present: they are moved aside (not deleted), the run
+    saves 4, 6, 8 again without StepAlreadyExistsError, and a start without flags goes on
+    from 8."""
+    w = tmp_path / "w"
+    shutil.copytree(cli_run_6, w)
+    log = tmp_path / "resume.log"
+    proc = _cli(w, log, "--config.total_steps=8", "--config.checkpoint_every=2",
+                "--config.resume_step=2")
+    assert _wait(proc, log) == 0, log.read_text()
+    assert "steps 4, 6 moved to" in log.read_text(), log.read_text()
+    assert sorted(d.split("-")[0] for d in os.listdir(w / checkpoint.SET_ASIDE_DIR)) == \
+        ["4", "6"]
+    assert sorted(os.listdir(w / "checkpoints")) == ["4", "6", "8"]
+    log = tmp_path / "again.log"
+    assert _wait(_cli(w, log, "--config.total_steps=8"), log) == 0
+    assert "nothing to do, the checkpoint is at step 8" in log.read_text(), log.read_text()
+
+
+def test_export_of_a_damaged_checkpoint_is_one_line(cli_run_6, tmp_path):
+    """Only the arrays of the process's OCDBT files truncated: the export fails while other
+    reads are in flight, which printed "Event loop is closed" tracebacks."""
+    w = tmp_path / "w"
+    shutil.copytree(cli_run_6, w)
+    for root, _, names in os.walk(w / "checkpoints" / "6" / "state"):
+        if "ocdbt.process_" in root and root.endswith("/d"):
+            for name in names:
+                open(os.path.join(root, name), "wb").close()
+    out = subprocess.run([sys.executable, "-m", "cfm.export", "--workdir", str(w), "--out",
+                          str(tmp_path / "e"), "--format", "orbax"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=TIMEOUT_S,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "checkpoints/6 is damaged" in lines[0], out.stderr
+    assert "does not read (OUT_OF_RANGE" in lines[0] and "bound method" not in lines[0]
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("name, validate", [("dino_vit.py", config_check.validate_dino),
+                                            ("omics_mgm.py", config_check.validate_mgm)])
+def test_damaged_checkpoints_takes_stop_or_set_aside(name, validate):
+    c = load_config(name)
+    validate(c)  # the default, "stop"
+    c.damaged_checkpoints = "set_aside"
+    validate(c)
+    c.damaged_checkpoints = "delete"
+    with pytest.raises(config_check.ConfigError, match=r"config.damaged_checkpoints='delete'"):
+        validate(c)
