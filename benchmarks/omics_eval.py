@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from cfm import compat
 from cfm.data.omics_records import MODALITIES
 from cfm.omics_embed import read_samples
 
@@ -98,10 +99,16 @@ def _pearson_per_gene(truth: dict, pred: dict, min_n: int = 5) -> float:
 
 
 def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float = 0.3,
-             neighbours: int = 10, label: str = "oncotree_code", seed: int = 0) -> dict:
+             neighbours: int = 10, label: str = "oncotree_code", seed: int = 0,
+             trust_data: bool = False) -> dict:
+    """The result dict (imputation, probes); first `cfm.compat.check_omics`: CompatError (a
+    ValueError) when `data` was prepared under another vocabulary or normalisation than the
+    run trained on (`trust_data`: go on where the run's own files cannot be found)."""
     from sklearn.impute import KNNImputer
 
     t0 = time.perf_counter()
+    agreed = compat.check_omics(compat.model_spec(workdir), data, trust_data)
+    print(f"omics_eval: {agreed}", file=sys.stderr)
     config, models, params, step = _load(workdir)
     train_meta, train_s = read_samples(data, ("train",))
     held_meta, held = read_samples(data, splits)
@@ -247,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbours", type=int, default=10)
     ap.add_argument("--label", default="oncotree_code")
     ap.add_argument("--out", default=None, help="JSON result (default WORKDIR/omics_eval.json)")
+    ap.add_argument("--trust-data", action="store_true", help="evaluate even where the run's "
+                    "own vocab.tsv/stats.json cannot be found (its data.path is gone)")
     args = ap.parse_args(argv)
     if not 0 < args.mask_ratio < 1 or args.neighbours < 1:
         ap.error("need 0 < --mask-ratio < 1 and --neighbours >= 1")
     try:
         r = evaluate(args.workdir, args.data, tuple(args.splits), args.mask_ratio,
-                     args.neighbours, args.label)
+                     args.neighbours, args.label, trust_data=args.trust_data)
     except (FileNotFoundError, ValueError) as e:
         print(f"omics_eval: {e}", file=sys.stderr)
         return 2

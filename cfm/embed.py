@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cfm import pretrained
+from cfm import compat, pretrained
 from cfm.data.sources import ShardSource
 from cfm.omics_embed import embed_omics
 
@@ -49,12 +49,16 @@ def _prepare(tile: np.ndarray, size: int, mean, std) -> np.ndarray:
 
 
 def embed(model: str, shards: str, out: str, step: int | None = None, batch: int = 128,
-          per_file: int = 100_000) -> int:
-    """Write the embeddings of every tile under `shards` to `out`; returns the tile count."""
+          per_file: int = 100_000, allow_scale_mismatch: bool = False) -> int:
+    """Write the embeddings of every tile under `shards` to `out`; returns the tile count.
+    First `cfm.compat.check_tiles`: CompatError (a ValueError) when the shards' tile size or
+    mpp differ from the model's training tiles, unless `allow_scale_mismatch`."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
-    config, backbone, params, step = load_backbone(model, step)
     source = ShardSource(shards)
+    agreed = compat.check_tiles(compat.model_spec(model, step), shards, allow_scale_mismatch)
+    print(f"cfm.embed: {agreed}", file=sys.stderr)
+    config, backbone, params, step = load_backbone(model, step)
     size = config.model.img_size
     mean, std = config.augment.mean, config.augment.std
     apply = jax.jit(lambda p, x: backbone.apply({"params": p}, x)["cls"])
@@ -124,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="new folder for embeddings + index.csv")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--per-file", type=int, default=100_000, help="embedding rows per .npy file")
+    ap.add_argument("--trust-data", action="store_true", help="--omics: embed even where the "
+                    "model's own vocab.tsv/stats.json cannot be found (sizes still checked)")
+    ap.add_argument("--allow-scale-mismatch", action="store_true", help="--shards: embed tiles "
+                    "whose size or microns per pixel differ from the model's training tiles")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.per_file < 1:
         ap.error("--batch and --per-file must be positive")
     try:
         if args.omics:
-            n = embed_omics(args.model, args.omics, args.out, args.step, min(args.batch, 64))
+            n = embed_omics(args.model, args.omics, args.out, args.step, min(args.batch, 64),
+                            trust_data=args.trust_data)
         else:
-            n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file)
+            n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file,
+                      args.allow_scale_mismatch)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"cfm.embed: {e}", file=sys.stderr)
         return 2

@@ -302,6 +302,26 @@ def _assemble(tree: Any, values: dict[str, np.ndarray]) -> Any:
     return jax.tree_util.tree_map_with_path(fill, tree)
 
 
+def check_family(source: dict, target: dict, path: str) -> None:
+    """InitFromError unless the source backbone (architecture dict) can initialise the target:
+    both ViTs with the same patch size (another img_size is resampled). Omics (masked gene
+    modelling) backbones are refused: their gene embeddings index a vocabulary that the new
+    run's data need not share, and the rules above are written for ViTs."""
+    fam_s, fam_t = source.get("family", "vit"), target.get("family", "vit")
+    if fam_s != fam_t:
+        raise _err(path, f"its {fam_s} backbone ({source['variant']}) cannot initialise "
+                         f"this {fam_t} run (model.variant={target['variant']}); pick a "
+                         f"{fam_t} source")
+    if fam_s != "vit":
+        raise _err(path, f"init_from takes ViT backbones; an {fam_s} run cannot start from "
+                         "another's weights (its gene ids need not match this run's vocab.tsv)")
+    if source["patch"] != target["patch"]:
+        raise _err(path, f"patch {source['patch']} ({source['variant']}) but this run's "
+                         f"model.variant={target['variant']} has patch {target['patch']}: the "
+                         f"patch embedding cannot be mapped; set model.variant="
+                         f"{source['variant']} to continue from it")
+
+
 # ============================================================================ entry points ====
 def apply_init_from(state: Any, config: Any, path: str, step: int | None = None
                     ) -> tuple[Any, InitReport]:
@@ -311,6 +331,7 @@ def apply_init_from(state: Any, config: Any, path: str, step: int | None = None
     (None or negative: the latest)."""
     step = None if step is None or step < 0 else int(step)
     src = read_source(path, step)
+    check_family(src.arch, architecture(config.model.to_dict()), path)
     flat = flatten(jax.tree.map(lambda x: tuple(x.shape), state.params,
                                            is_leaf=lambda x: hasattr(x, "shape")))
     target = per_block_shapes(flat)

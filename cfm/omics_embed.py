@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from cfm import pretrained
+from cfm import compat, pretrained
 from cfm.data.omics_pipeline import pad_sample
 from cfm.data.omics_source import OmicsShardSource, read_manifest
 
@@ -108,19 +108,15 @@ def sample_embeddings(module, params: dict, samples: list[dict[str, np.ndarray]]
 
 
 def embed_omics(model: str, folder: str, out: str, step: int | None = None, batch: int = 32,
-                splits: tuple[str, ...] = SPLITS) -> int:
-    """Write the CLS embeddings of every sample of `splits` in a prepared folder to `out`."""
+                splits: tuple[str, ...] = SPLITS, trust_data: bool = False) -> int:
+    """Write the CLS embeddings of every sample of `splits` in a prepared folder to `out`,
+    after `cfm.compat.check_omics` (CompatError, a ValueError, when model and folder differ in
+    vocabulary or normalisation; `trust_data` where the model's own cannot be found)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new folder")
+    agreed = compat.check_omics(compat.model_spec(model, step), folder, trust_data)
+    print(f"cfm.embed: {agreed}", file=sys.stderr)
     p = pretrained.load(model, step)
-    if p.info["architecture"].get("family") != "omics":
-        raise ValueError(f"--model {model}: a {p.info['architecture'].get('family', 'vit')} "
-                         "model; --omics needs an omics (masked gene modelling) model")
-    manifest = read_manifest(folder)
-    if int(manifest["vocab_size"]) > p.info["architecture"]["vocab_size"]:
-        raise ValueError(f"--omics {folder}: vocabulary of {manifest['vocab_size']} ids, the "
-                         f"model knows {p.info['architecture']['vocab_size']}; prepare it with "
-                         f"--vocab <the model's vocab.tsv>")
     metas, samples = read_samples(folder, splits)
     if not samples:
         raise ValueError(f"--omics {folder}: no samples in splits {list(splits)}")

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from cfm import pretrained
+from cfm import compat, pretrained
 from cfm.data.sources import ShardSource
 from cfm.embed import _prepare as prepare_tile  # one tile preprocessing for cfm.embed and these
 from cfm.evaluate.cv import patient_folds
@@ -50,15 +50,27 @@ def _cls_fn(module):
 
 
 def embed_shards(model_path: str, shards: str, batch: int = 256) -> TileSet:
-    """CLS embeddings of every tile under `shards` from the backbone at `model_path`."""
+    """CLS embeddings of every tile under `shards` from the backbone at `model_path`, once
+    `cfm.compat.check_tiles` has found the shards' tile size and mpp to be the model's
+    training ones (FinetuneError naming both otherwise)."""
     try:
-        p = pretrained.load(model_path)
+        spec = compat.model_spec(model_path)
     except (FileNotFoundError, pretrained.CheckpointError) as e:
         raise FinetuneError(f"config.model={model_path!r}: {e}") from None
     try:
         source = ShardSource(shards)
     except (FileNotFoundError, ValueError) as e:
         raise FinetuneError(f"config.shards={shards!r}: {e}") from None
+    try:
+        agreed = compat.check_tiles(spec, shards, override=(
+            f"embed them with python -m cfm.embed --model {model_path} --shards {shards} "
+            "--allow-scale-mismatch --out EMB and set config.embeddings=EMB"))
+    except compat.CompatError as e:
+        raise FinetuneError(f"config.model and config.shards: {e}") from None
+    try:
+        p = pretrained.load(model_path)
+    except (FileNotFoundError, pretrained.CheckpointError) as e:
+        raise FinetuneError(f"config.model={model_path!r}: {e}") from None
     size = int(p.info["architecture"]["img_size"])
     mean, std = p.info["preprocessing"]["mean"], p.info["preprocessing"]["std"]
     apply = _cls_fn(p.module)
@@ -80,7 +92,7 @@ def embed_shards(model_path: str, shards: str, batch: int = 256) -> TileSet:
     meta = _meta_frame(metas)
     info = {"model": os.path.abspath(model_path), "shards": os.path.abspath(shards),
             "variant": p.info["architecture"]["variant"], "dim": int(features.shape[1]),
-            "checkpoint_step": int(p.step), "tiles": int(n),
+            "checkpoint_step": int(p.step), "tiles": int(n), "model_data_check": agreed,
             "feature": "final-norm CLS token of the pretrained backbone (frozen)"}
     return TileSet(features, meta, info)
 
