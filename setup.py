@@ -37,7 +37,9 @@ setup(
         "test": ["pytest>=8.0", "scikit-image>=0.24", "openslide-python>=1.4",
                  "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11", "pyarrow>=14",
                  "anndata>=0.10"],
-        "demo": ["scikit-image>=0.24"],  # ships the real IHC image the README demo trains on
+        # scikit-image ships the real IHC image the README demo trains on; tensorboard serves
+        # the curves of the README's `tensorboard --logdir` command.
+        "demo": ["scikit-image>=0.24", "tensorboard>=2.16"],
         "tpu": ["jax[tpu]"],
         # gs:// workdirs: orbax/tensorstore write checkpoints themselves; the metrics (etils
         # epath, tensorboardX) need these.

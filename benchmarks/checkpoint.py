@@ -37,7 +37,6 @@ step_s_during_save=.. slowdown_pct=..`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import resource
@@ -54,7 +53,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cfm import checkpoint, setup  # noqa: E402
+from cfm import checkpoint, cli_help, setup  # noqa: E402
 from cfm.data import masking  # noqa: E402
 from cfm.models import vit  # noqa: E402
 from train_step import _reexec_with_jemalloc, load_config  # noqa: E402
@@ -122,15 +121,16 @@ def spread(xs: list[float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli_help.parser("benchmarks.checkpoint", __doc__,
+                         "python -m benchmarks.checkpoint --quick")
     ap.add_argument("--variant", default="vit_l16",
                     help="preset whose state is saved (vit_b16 where vit_l16 does not fit)")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--global-size", type=int, default=112)
-    ap.add_argument("--local-crops", type=int, default=2)
-    ap.add_argument("--local-size", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=2, help="images per train step")
+    ap.add_argument("--global-size", type=int, default=112, help="global crop side in pixels")
+    ap.add_argument("--local-crops", type=int, default=2, help="local crops per image")
+    ap.add_argument("--local-size", type=int, default=48, help="local crop side in pixels")
     ap.add_argument("--steps", type=int, default=3, help="steps without a save, per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="save + restore rounds")
     ap.add_argument("--dir", default="/tmp/cfm_bench_ckpt", help="emptied, then written")
     ap.add_argument("--no-train", action="store_true",
                     help="save and restore only: no train step (step figures print nan)")

@@ -35,7 +35,6 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
 import io  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
@@ -47,7 +46,7 @@ from PIL import Image  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cfm import config_loader  # noqa: E402
+from cfm import cli_help, config_loader  # noqa: E402
 from cfm.data.augment import MultiCrop  # noqa: E402
 from cfm.data.sources import SyntheticSource  # noqa: E402
 
@@ -97,7 +96,8 @@ def _time(blobs: list[bytes], multicrop: MultiCrop | None, n: int, rounds: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli_help.parser("benchmarks.input_pipeline", __doc__,
+                        "python -m benchmarks.input_pipeline --samples 200")
     p.add_argument("--samples", type=int, default=200, help="timed samples per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; the best is reported")
     p.add_argument("--tiles", type=int, default=32, help="distinct tiles, reused cyclically")

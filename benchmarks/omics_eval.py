@@ -24,7 +24,6 @@ The last line holds name=value pairs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ import time
 
 import numpy as np
 
-from cfm import compat
+from cfm import cli_help, compat
 from cfm.data.omics_records import MODALITIES
 from cfm.omics_embed import read_samples
 
@@ -245,15 +244,17 @@ def _table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.omics_eval",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True)
+    ap = cli_help.parser("benchmarks.omics_eval", __doc__, "python -m benchmarks.omics_eval "
+                         "--workdir /tmp/cfm_omics_run --data /tmp/cfm_omics")
+    ap.add_argument("--workdir", required=True, help="the cfm.train --workdir of the run")
     ap.add_argument("--data", required=True, help="the data_prep.prepare_omics folder")
-    ap.add_argument("--splits", nargs="+", default=["val", "test"])
-    ap.add_argument("--mask-ratio", type=float, default=0.3)
-    ap.add_argument("--neighbours", type=int, default=10)
-    ap.add_argument("--label", default="oncotree_code")
-    ap.add_argument("--out", default=None, help="JSON result (default WORKDIR/omics_eval.json)")
+    ap.add_argument("--splits", nargs="+", default=["val", "test"],
+                    help="held-out splits of --data")
+    ap.add_argument("--mask-ratio", type=float, default=0.3, help="share of tokens hidden")
+    ap.add_argument("--neighbours", type=int, default=10, help="k of the kNN imputation baseline")
+    ap.add_argument("--label", default="oncotree_code",
+                    help="clinical column the linear probes predict")
+    ap.add_argument("--out", default=None, help="JSON result (default: WORKDIR/omics_eval.json)")
     ap.add_argument("--trust-data", action="store_true", help="evaluate even where the run's "
                     "own vocab.tsv/stats.json cannot be found (its data.path is gone)")
     args = ap.parse_args(argv)

@@ -13,25 +13,25 @@ Last line: `samples_per_s=<x> tokens_per_s=<y> flops_ratio=<r> matmul_fraction=<
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 
 import jax
 
 from benchmarks.train_step import compile_with_flops, matmul_rate, time_steps
-from cfm import config_loader, flops, setup
+from cfm import cli_help, config_loader, flops, setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", default="omics_base")
+    ap = cli_help.parser("benchmarks.omics_step", __doc__,
+                         "python -m benchmarks.omics_step --variant omics_base --tokens 2048")
+    ap.add_argument("--variant", default="omics_base", help="omics model variant")
     ap.add_argument("--tokens", type=int, default=2048, help="genes (tokens) per sample")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="samples per step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (config.model.dtype)")
     args = ap.parse_args(argv)
     c = config_loader.load_config(f"{ROOT}/configs/omics_mgm.py:demo", [
         f"--config.model.variant={args.variant}", f"--config.model.dtype={args.dtype}",

@@ -29,7 +29,6 @@ carry on.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as futures
 import json
 import os
@@ -39,6 +38,10 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cfm import cli_help  # noqa: E402
+
 SLICES = {"v5e": {16: "v5e:4x4", 64: "v5e:8x8", 256: "v5e:16x16"},
           "v5p": {16: "v5p:2x2x4", 64: "v5p:4x4x4", 256: "v5p:4x8x8"}}
 MODELS = [("vit_l16", 1024), ("vit_g14", 1024), ("vit_g14", 4096)]
@@ -229,10 +232,11 @@ def targets(rows: list[dict]) -> tuple[list[str], dict[str, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli_help.parser("benchmarks.scaling", __doc__, "python -m benchmarks.scaling --quick")
     ap.add_argument("--quick", action="store_true", help="only the rows the targets need")
     ap.add_argument("--jobs", type=int, default=2, help="compiles at once (each ~1 core)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling_table.md"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scaling_table.md"),
+                    help="the markdown table written")
     ap.add_argument("--cache", default="/tmp/cfm_scaling",
                     help="per-compile JSON reports; existing ones are reused (delete to redo)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per compile")

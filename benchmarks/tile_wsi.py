@@ -9,7 +9,6 @@ core for this 2220 x 2967 px slide (not scaled to a full-size slide).
 Last line: `tiles_per_s=<x> slides_per_hour_per_core=<y>`.
 """
 
-import argparse
 import contextlib
 import io
 import os
@@ -22,12 +21,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SLIDE = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 sys.path.insert(0, str(ROOT))
 
+from cfm import cli_help  # noqa: E402
+
 
 def main() -> int:
     """Prints per-repeat timings and the summary line; 1 when the slide is missing."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = cli_help.parser("benchmarks.tile_wsi", __doc__,
+                             "python -m benchmarks.tile_wsi --repeats 3")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats; the fastest is reported")
     parser.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel")
     parser.add_argument("--tile-size", type=int, default=224, help="tile side in pixels")
     args = parser.parse_args()

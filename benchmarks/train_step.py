@@ -23,7 +23,6 @@ speed up CPU training:
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cfm import config_loader, flops, setup  # noqa: E402
+from cfm import cli_help, config_loader, flops, setup  # noqa: E402
 from cfm.data import masking  # noqa: E402
 from cfm.models import vit  # noqa: E402
 from cfm.ssl import dinov2  # noqa: E402
@@ -103,15 +102,17 @@ def _reexec_with_jemalloc() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", default="vit_s16")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--local-crops", type=int, default=8)
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=96)
+    ap = cli_help.parser("benchmarks.train_step", __doc__,
+                         "python -m benchmarks.train_step --variant vit_s16 --batch 32")
+    ap.add_argument("--variant", default="vit_s16", help="ViT variant (cfm.models.vit)")
+    ap.add_argument("--batch", type=int, default=32, help="images per step")
+    ap.add_argument("--local-crops", type=int, default=8, help="local crops per image")
+    ap.add_argument("--global-size", type=int, default=224, help="global crop side in pixels")
+    ap.add_argument("--local-size", type=int, default=96, help="local crop side in pixels")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (config.model.dtype)")
+    ap.add_argument("--remat", action="store_true", help="recompute each block's activations "
+                    "in the backward pass (config.model.remat)")
     ap.add_argument("--allocator", choices=("auto", "system"), default="auto",
                     help="auto: re-run under jemalloc when it is installed (see above)")
     args = ap.parse_args()

@@ -15,7 +15,6 @@ under temporary names and renamed, so a folder either holds a complete result or
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -28,7 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cfm import compat, pretrained
+from cfm import cli_help, compat, pretrained
 from cfm.data.sources import ShardSource
 from cfm.omics_embed import embed_omics
 
@@ -118,15 +117,19 @@ def embed(model: str, shards: str, out: str, step: int | None = None, batch: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cfm.embed", description=__doc__.split("\n")[0])
+    ap = cli_help.parser("cfm.embed", __doc__, "python -m cfm.embed --model /tmp/cfm_export "
+                         "--shards /tmp/cfm_tiles --out /tmp/cfm_embeddings")
     ap.add_argument("--model", required=True,
                     help="a cfm.train --workdir or a cfm.export folder (orbax/safetensors)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="tile_wsi --out folder (ArrayRecord shards)")
-    src.add_argument("--omics", help="data_prep.prepare_omics --out folder (sample embeddings)")
+    src.add_argument("--shards", help="tile_wsi --out folder (ArrayRecord shards); this or "
+                     "--omics is required")
+    src.add_argument("--omics", help="data_prep.prepare_omics --out folder (sample embeddings); "
+                     "this or --shards is required")
     ap.add_argument("--out", required=True, help="new folder for embeddings + index.csv")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=128,
+                    help="tiles per forward pass (at most 64 samples with --omics)")
     ap.add_argument("--per-file", type=int, default=100_000, help="embedding rows per .npy file")
     ap.add_argument("--trust-data", action="store_true", help="--omics: embed even where the "
                     "model's own vocab.tsv/stats.json cannot be found (sizes still checked)")

@@ -25,7 +25,6 @@ conversion to timm's names and layouts, the README and the writing.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import hashlib
@@ -40,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
-from cfm import pretrained
+from cfm import cli_help, pretrained
 from cfm.atomic import atomic_folder
 from cfm.checkpoint import CheckpointError, flatten
 from cfm.models.backbone import architecture
@@ -256,20 +255,47 @@ def _cast(tree: dict, dtype: str) -> dict:
 
 
 def _omics_readme(info: dict, out: str) -> str:
-    arch, prov = info["architecture"], info["provenance"]
+    arch, prov, prep = info["architecture"], info["provenance"], info["preprocessing"]
+    missing = [n for n in OMICS_FILES if n not in prep["files"]]
+    why = prep["note"] or "not in the run's data.path on the exporting machine"
+    lacking = (f"This export lacks {', '.join(missing)} ({why}): prepare new tables "
+               "with the vocabulary and statistics of the run's own prepared data.\n\n"
+               if missing else "")
     return (f"# cfm {arch['variant']} omics encoder, step {prov['step']}\n\n"
             f"Exported by `python -m cfm.export` (cfm {prov['cfm_version']}) on "
             f"{prov['export_time_utc']} as `{info['export']['format']}`, "
             f"{info['export']['dtype']} weights. Width {arch['width']}, depth {arch['depth']}, "
             f"{arch['heads']} heads, vocabulary {arch['vocab_size']}, values "
             f"{arch['value_encoding']}. Pretrained by masked gene modelling.\n\n"
-            "Prepare tables with `python -m data_prep.prepare_omics --vocab "
+            f"{lacking}Prepare tables with `python -m data_prep.prepare_omics --vocab "
             f"{os.path.join(out, 'vocab.tsv')} ...`, then\n\n"
             f"```bash\npython -m cfm.embed --model {out} --omics PREPARED --out EMB\n```\n\n"
             "or in JAX:\n\n```python\nimport cfm\n"
             f"model, params = cfm.load_pretrained({out!r})\n"
             "out = model.apply({'params': params}, gene_ids, modality, values, classes)\n"
             "sample_embedding = out['cls']\n```\n")
+
+
+def _either(values: Any, unit: str) -> str:
+    """`224 px`, `0.5 or 1.0 um/px`: one value or a list of them, with its unit."""
+    values = values if isinstance(values, list) else [values]
+    return " or ".join(str(v) for v in values) + f" {unit}"
+
+
+def _training_tiles(prep: dict, note: str | None) -> str:
+    """The README's words for the training tiles' size and resolution, saying which is unknown
+    and why (`note`: data_manifests' reason) instead of printing a null."""
+    size, mpp = prep["tile_size_px"], prep["microns_per_pixel"]
+    if size is None and mpp is None:
+        return ("the training tiles' size and microns per pixel are unknown "
+                f"({note or 'no tile manifest'})")
+    if size is None:
+        return (f"training tiles at {_either(mpp, 'um/px')}, of a size not recorded (no "
+                "tile_wsi config.json beside the manifests)")
+    if mpp is None:
+        return (f"training tiles of {_either(size, 'px')}, microns per pixel not recorded in "
+                "the manifests")
+    return f"training tiles of {_either(size, 'px')} at {_either(mpp, 'um/px')}"
 
 
 def _readme(info: dict, out: str) -> str:
@@ -284,9 +310,9 @@ def _readme(info: dict, out: str) -> str:
             f"{arch['patch']}, {arch['num_registers']} registers, LayerScale "
             f"{arch['layerscale'] or 'off'}, {arch['ffn']} FFN, {arch['img_size']} px input.\n\n"
             f"Input: RGB tiles resized to {prep['input_size_px']} px, scaled to [0, 1], "
-            f"normalised with mean {prep['mean']} and std {prep['std']}; tiles of "
-            f"{prep['tile_size_px']} px at {prep['microns_per_pixel']} um/px in training "
-            "(null: not recorded). The embedding is the CLS token after the final norm.\n\n"
+            f"normalised with mean {prep['mean']} and std {prep['std']}; "
+            f"{_training_tiles(prep, prov['data_manifest_note'])}. The embedding is the CLS "
+            "token after the final norm.\n\n"
             "Everything else (full training config, data manifest sha256) is in config.json.\n\n")
     if fmt == "timm":
         call = timm_call(info["export"]["timm"], os.path.join(out, WEIGHTS_FILE))
@@ -342,12 +368,13 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cfm.export", description=__doc__.split("\n")[0])
+    ap = cli_help.parser("cfm.export", __doc__, "python -m cfm.export --workdir /tmp/cfm_run "
+                         "--out /tmp/cfm_export --format safetensors")
     ap.add_argument("--workdir", required=True, help="a cfm.train --workdir")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--out", required=True, help="new folder for the export")
-    ap.add_argument("--format", required=True, choices=FORMATS)
-    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--format", required=True, choices=FORMATS, help="weights file layout")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the weights")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     try:

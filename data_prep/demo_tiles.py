@@ -8,13 +8,14 @@ no download. With the defaults it yields 13 x 13 = 169 tiles of 128 pixels. Tile
 a temporary sibling folder that is renamed into place at the end, so DIR is never half-written.
 """
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 
 from PIL import Image
+
+from cfm import cli_help
 
 
 def _load_image():
@@ -30,8 +31,8 @@ def _load_image():
 
 def main(argv: list[str] | None = None) -> int:
     """Writes the tiles; returns the exit status (0 ok, 1 scikit-image missing, 2 bad usage)."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo_tiles", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_help.parser("data_prep.demo_tiles", __doc__,
+                             "python -m data_prep.demo_tiles --out /tmp/cfm_demo/tiles")
     parser.add_argument("--out", required=True, help="folder to create with the PNG tiles")
     parser.add_argument("--tile", type=int, default=128, help="tile side in pixels")
     parser.add_argument("--stride", type=int, default=32, help="step between tiles in pixels")

@@ -53,6 +53,7 @@ import time
 
 import numpy as np
 
+from cfm import cli_help
 from cfm.atomic import atomic_folder
 from cfm.data.omics_records import MODALITIES, encode_sample
 from cfm.data.omics_source import FORMAT
@@ -312,44 +313,60 @@ def prepare(args, out_tmp: str) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.prepare_omics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli_help.parser("data_prep.prepare_omics", __doc__,
+                        "python -m data_prep.prepare_omics --input counts.csv:expression "
+                        "--expression-transform log1p --out /tmp/cfm_omics")
     p.add_argument("--input", action="append", required=True, metavar="FILE[:MODALITY]",
                    help="omics table (.csv/.tsv[.gz], .parquet, .h5ad); repeat for several")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared --out")
     p.add_argument("--orientation", default="auto",
-                   choices=("auto", "samples_by_genes", "genes_by_samples"))
+                   choices=("auto", "samples_by_genes", "genes_by_samples"),
+                   help="table layout (auto: see data_prep.omics_tables)")
     p.add_argument("--sample-column", default=None,
                    help="sample id column of samples x genes tables (default: the first)")
     p.add_argument("--patient-column", default=None,
                    help="patient id column (default: each sample is its own patient)")
     p.add_argument("--clinical", action="append", default=[],
-                   help="clinical table joined on sample id (e.g. ICB *_clinical.csv.gz)")
+                   help="clinical table joined on sample id (e.g. ICB *_clinical.csv.gz); "
+                   "repeat for several (default: none)")
     p.add_argument("--clinical-sample-column", default=None,
                    help="sample id column of --clinical tables (default: the first)")
     p.add_argument("--clinical-columns", default="",
-                   help="comma list of non-feature columns of plain samples x genes tables")
+                   help="comma list of non-feature columns of plain samples x genes tables "
+                   "(default: none)")
     p.add_argument("--suffix-map", default=ot.DEFAULT_SUFFIXES,
-                   help="column-name suffix -> modality (default %(default)s)")
-    p.add_argument("--layer", default=None, help=".h5ad layer to read instead of X")
-    p.add_argument("--combine", default="auto", choices=("auto", "stack", "join"))
-    p.add_argument("--join", default="exact", choices=("exact", "inner"))
-    p.add_argument("--vocab", default=None, help="reuse a previous run's vocab.tsv")
+                   help="column-name suffix -> modality")
+    p.add_argument("--layer", default=None,
+                   help=".h5ad layer to read instead of X (default: X)")
+    p.add_argument("--combine", default="auto", choices=("auto", "stack", "join"),
+                   help="how several inputs combine (see above)")
+    p.add_argument("--join", default="exact", choices=("exact", "inner"),
+                   help="joined inputs: identical sample sets, or their intersection")
+    p.add_argument("--vocab", default=None,
+                   help="reuse a previous run's vocab.tsv (default: a new vocabulary)")
     p.add_argument("--drop-unknown-genes", action="store_true",
                    help="with --vocab: drop genes it lacks instead of failing")
-    p.add_argument("--duplicates", default="error", choices=("error", "first", "mean"))
-    p.add_argument("--fill-missing", default="error", choices=("error", "zero", "median", "skip"))
-    p.add_argument("--expression-transform", default=None, choices=TRANSFORMS)
-    p.add_argument("--gene-lengths", default=None, help="gene, length (bp) table for TPM")
+    p.add_argument("--duplicates", default="error", choices=("error", "first", "mean"),
+                   help="features with the same gene and modality: fail, keep the first or "
+                   "average")
+    p.add_argument("--fill-missing", default="error", choices=("error", "zero", "median", "skip"),
+                   help="what to do with missing values")
+    p.add_argument("--expression-transform", default=None, choices=TRANSFORMS,
+                   help="transform of expression values (default: none given; required when "
+                   "an input has expression)")
+    p.add_argument("--gene-lengths", default=None,
+                   help="gene, length (bp) table for TPM (default: none; tpm_log1p needs it)")
     p.add_argument("--std-floor", type=float, default=0.01,
-                   help="minimum per-gene std in transformed units (default %(default)s)")
+                   help="minimum per-gene std in transformed units")
     p.add_argument("--clip", type=float, default=10.0, help="clip z-scores to +-this")
     p.add_argument("--n-bins", type=int, default=51, help="expression classes (2-256)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of patients in val")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of patients in test")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=1000,
+                   help="records per ArrayRecord shard")
     return p
 
 

@@ -44,7 +44,6 @@ non-empty --out is refused unless --overwrite. Takes ~10 s for the defaults on o
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -57,6 +56,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image, ImageDraw, ImageFilter
 
+from cfm import cli_help
 from cfm.data.records import encode_tile
 from cfm.explain.heatmap import CLASS_COLOURS
 from cfm.finetune.tme import tme_scores
@@ -352,10 +352,10 @@ def _generate(tmp: str, seed: int, tile_size: int, mpp: float, patients: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.synthetic_tme",
-                                 description=__doc__.split("\n")[0])
+    ap = cli_help.parser("data_prep.synthetic_tme", __doc__,
+                         "python -m data_prep.synthetic_tme --out /tmp/cfm_tme")
     ap.add_argument("--out", required=True, help="new folder for tiles/, slides/, labels, spots")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of everything drawn")
     ap.add_argument("--tile-size", type=int, default=64, help="tile side in pixels")
     ap.add_argument("--mpp", type=float, default=1.0, help="microns per pixel of every tile")
     ap.add_argument("--patients", type=int, default=16, help="pseudo-patients of the tile set")

@@ -52,6 +52,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
+from cfm import cli_help
 from cfm.atomic import fsync_dir
 from cfm.data.records import encode_tile
 from data_prep import shard_io, tissue
@@ -259,8 +260,8 @@ def find_slides(spec: str, exclude: str | None = None) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tile_wsi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_help.parser("data_prep.tile_wsi", __doc__, "python -m data_prep.tile_wsi "
+                             "--slides /data/slides --out /tmp/cfm_tiles --mpp 0.5")
     parser.add_argument("--slides", required=True,
                         help="folder (searched recursively), list file (one path a line), "
                              "or one slide")
@@ -270,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-size", type=int, default=224, help="tile side in output pixels")
     parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
     parser.add_argument("--default-mpp", type=float, default=None,
-                        help="um/px for slides without it (plain images)")
+                        help="um/px for slides without it (plain images; default: none, such "
+                             "a slide fails)")
     parser.add_argument("--min-tissue", type=float, default=0.5,
                         help="minimum tissue fraction of a tile (0-1)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-95")
@@ -282,8 +284,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="this job's part: slide i is tiled when i %% num-shards == index")
     parser.add_argument("--salt", default=None,
                         help="secret salt of slide ids (default: random, kept in private/)")
-    parser.add_argument("--cohort", default="", help="cohort name stored with every tile")
-    parser.add_argument("--tissue-preset", default="default", choices=sorted(tissue.PRESETS))
+    parser.add_argument("--cohort", default="",
+                        help="cohort name stored with every tile (default: none)")
+    parser.add_argument("--tissue-preset", default="default", choices=sorted(tissue.PRESETS),
+                        help="tissue mask and tile filter thresholds (data_prep.tissue)")
     return parser
 
 

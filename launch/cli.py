@@ -14,8 +14,12 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
           job_optional: bool = False) -> tuple[argparse.Namespace, list[str] | None]:
     """(launcher flags parsed by `parser`, job command) from `argv` (default: sys.argv[1:]),
     split at the first `--`. With `job_optional` and no `--`, the job is None; otherwise a
-    missing or empty job is a LaunchError. argparse exits (status 2) for bad flags."""
+    missing or empty job is a LaunchError. argparse exits (status 2) for bad flags, and
+    (status 0) after printing the help for `-h`/`--help` before any `--`, job or not."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if "-h" in own or "--help" in own:
+        parser.parse_args(own)  # prints the help and exits 0
     job = None
     if "--" in argv or not job_optional:
         argv, job = common.split_job(argv)

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Sequence
 
+from cfm import cli_help
 from launch import cli, common
 
 PROG = "launch.local"
@@ -133,7 +134,9 @@ class Group:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = cli_help.parser(PROG, __doc__, f"python -m {PROG} --num-processes 2 "
+                        "--devices-per-process 2 -- python -m cfm.train "
+                        "--config configs/dino_vit.py:test --workdir /tmp/cfm_local")
     p.add_argument("--num-processes", type=int, required=True, help="N processes")
     p.add_argument("--devices-per-process", type=int, default=1, help="M CPU devices each")
     p.add_argument("--max-restarts", type=int, default=0,
@@ -141,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
     p.add_argument("--grace-s", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL for the remaining processes")
-    p.add_argument("--log-dir", help="also append process i's output to DIR/process_i.log")
+    p.add_argument("--log-dir", help="also append process i's output to DIR/process_i.log "
+                   "(default: none)")
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     return p
 

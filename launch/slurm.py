@@ -37,32 +37,39 @@ import sys
 import tempfile
 from typing import Sequence
 
+from cfm import cli_help
 from launch import cli, common
 
 PROG = "launch.slurm"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0)
+    p = cli_help.parser(PROG, __doc__, f"python -m {PROG} --nodes 2 --gpus-per-node 8 "
+                        "--dry-run -- python -m cfm.train --config configs/dino_vit.py:vit_l16 "
+                        "--workdir /shared/runs/l16")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs of each node")
     p.add_argument("--per", choices=["gpu", "node"], default="gpu",
                    help="one process per GPU or per node")
-    p.add_argument("--job-name", default="cfm")
-    p.add_argument("--partition")
-    p.add_argument("--account")
+    p.add_argument("--job-name", default="cfm", help="SLURM job name")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    p.add_argument("--account", help="SLURM account (default: yours)")
     p.add_argument("--time", default="24:00:00", help="time limit per (re)start")
-    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--cpus-per-task", type=int, help="CPUs of each task (default: SLURM's)")
     p.add_argument("--setup", action="append", default=[],
-                   help="shell line run before the job (repeatable), e.g. module load, venv")
+                   help="shell line run before the job (repeatable), e.g. module load, venv "
+                   "(default: none)")
     p.add_argument("--signal-s", type=int, default=300,
                    help="seconds before the time limit to save and requeue")
     p.add_argument("--max-restarts", type=int, default=10,
                    help="requeue a failed step while SLURM_RESTART_COUNT is below this")
-    p.add_argument("--array", type=int, help="N array tasks ({shard_index}, {num_shards})")
-    p.add_argument("--chdir", default=os.getcwd(), help="the cfm checkout on the cluster")
-    p.add_argument("--log-dir", default="slurm-logs")
-    p.add_argument("--script", help="where to write the batch script")
+    p.add_argument("--array", type=int, help="N array tasks ({shard_index}, {num_shards}) "
+                   "(default: no array)")
+    p.add_argument("--chdir", default=os.getcwd(),
+                   help="the cfm checkout on the cluster (default: the current folder)")
+    p.add_argument("--log-dir", default="slurm-logs", help="folder of the jobs' output")
+    p.add_argument("--script", help="where to write the batch script "
+                   "(default: LOG_DIR/JOB_NAME.sbatch)")
     p.add_argument("--dry-run", action="store_true", help="print script and sbatch, do neither")
     return p
 

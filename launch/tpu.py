@@ -51,6 +51,7 @@ import sys
 import time
 from typing import NamedTuple, Sequence
 
+from cfm import cli_help
 from cfm.parallel import topology as topology_lib
 from launch import cli, common
 
@@ -192,12 +193,16 @@ def validate(args: argparse.Namespace, job: list[str] | None) -> tuple[str, Slic
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=["run", "delete"])
+    p = cli_help.parser(PROG, __doc__, f"python -m {PROG} run --name cfm-l16 "
+                        "--zone us-east5-a --topology v5p:4x4x4 --spot --dry-run -- python -m "
+                        "cfm.train --config configs/dino_vit.py:vit_l16 --workdir gs://BUCKET/l16")
+    p.add_argument("action", choices=["run", "delete"], help="start and watch a job, or tear "
+                   "the slices down")
     p.add_argument("--name", required=True, help="TPU VM / queued resource name")
-    p.add_argument("--zone", required=True)
+    p.add_argument("--zone", required=True, help="Cloud zone of the slices")
     p.add_argument("--project", help="default: gcloud's configured project")
-    p.add_argument("--topology", help="one slice, e.g. v5p:4x4x4, v5e:16x16 (run only)")
+    p.add_argument("--topology", help="one slice, e.g. v5p:4x4x4, v5e:16x16 (run only; "
+                   "no default: run needs it)")
     p.add_argument("--num-slices", type=int, default=1, help="Multislice: S slices")
     p.add_argument("--queued", action="store_true",
                    help="a queued resource also for one slice (always for several)")
@@ -205,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preemptible", action="store_true", help="preemptible TPU VM")
     p.add_argument("--runtime-version", help="TPU software version (default: per generation)")
     p.add_argument("--extras", default="tpu,gcs", help="cfm extras to install on the workers")
-    p.add_argument("--max-restarts", type=int, default=20)
+    p.add_argument("--max-restarts", type=int, default=20,
+                   help="start the job again at most this many times")
     p.add_argument("--poll-s", type=float, default=60.0, help="seconds between status checks")
     p.add_argument("--stage-dir", help="local folder for the code archive and worker script "
                    "(default /tmp/cfm-launch-NAME)")

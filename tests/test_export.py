@@ -20,7 +20,7 @@ import pytest
 import cfm
 from cfm import checkpoint, export, objectives, pretrained, setup
 from cfm.models import vit
-from tests.conftest import ROOT, damage_checkpoint
+from tests.conftest import ROOT, damage_checkpoint, load_config
 from tests.test_train import _tiny
 
 STEPS = (2, 4)
@@ -344,3 +344,46 @@ def test_cli_on_a_one_device_host(run, tmp_path):
     proc = subprocess.run(cmd + [str(tmp_path / "m")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_of_a_synthetic_data_run_says_what_is_unknown(tmp_path, caplog):
+    """A run without a tile manifest (synthetic data): README.md says in words that tile size
+    and microns per pixel are unknown, and why, instead of printing None (issue 15). Reading
+    the valid checkpoint logs no orbax warning (such as "Metadata file does not exist")."""
+    workdir = tmp_path / "run"
+    _make_workdir(workdir, steps=(2,), **{"mesh.fsdp": 1})
+    out = tmp_path / "model"
+    caplog.set_level("WARNING")
+    assert export.main(["--workdir", str(workdir), "--out", str(out), "--format",
+                        "safetensors"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    readme = (out / "README.md").read_text()
+    assert "None" not in readme and "null" not in readme
+    assert ("tiles' size and microns per pixel are unknown (data.source='synthetic': no tile "
+            "manifest)") in readme
+
+
+@pytest.mark.parametrize("tiles,words", [
+    ({"tile_size_px": 224, "microns_per_pixel": [0.5, 1.0]},
+     "tiles of 224 px at 0.5 or 1.0 um/px"),
+    ({"tile_size_px": None, "microns_per_pixel": [0.5]}, "at 0.5 um/px, of a size not recorded"),
+    ({"tile_size_px": [224, 256], "microns_per_pixel": None},
+     "tiles of 224 or 256 px, microns per pixel not recorded"),
+])
+def test_readme_words_for_partly_known_tiles(tiles, words):
+    """Tile size or microns per pixel known, the other not: the README names what it knows."""
+    c = load_config().to_dict()
+    info = export.build_info(c, 3, "orbax", "float32")
+    info["preprocessing"].update(tiles)
+    readme = export._readme(info, "/models/m")
+    assert words in readme and "None" not in readme
+
+
+def test_omics_readme_without_the_prepared_files_says_so(tmp_path):
+    """An omics export whose prepared data is not on the exporting machine says which files it
+    lacks and why, instead of pointing at a vocab.tsv that is not there."""
+    c = load_config("omics_mgm.py").to_dict()
+    c["data"]["path"] = str(tmp_path / "gone")
+    readme = export._readme(export.build_info(c, 3, "safetensors", "float32"), "/models/m")
+    assert "None" not in readme
+    assert "This export lacks vocab.tsv, stats.json, manifest.json (data.source=" in readme
