@@ -1,4 +1,4 @@
-"""Will it fit? Ahead-of-time compile of the real train step for a TPU slice, without TPUs.
+r"""Will it fit? Ahead-of-time compile of the real train step for a TPU slice, without TPUs.
 
     python -m cfm.aot --config configs/dino_vit.py:vit_g14 --topology v5p:4x4x4 \
         [--config.key=value ...] [--json PATH]
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cfm import errors
 from cfm.parallel.topology import (CHIPS, EXAMPLES, GiB, Topology, TopologyError,
                                    parse_topology, prepare_environment, topology_devices)
 
@@ -286,48 +287,46 @@ def _prescan(argv: list[str], name: str) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry; returns the exit status (0 ok, 2 bad input)."""
-    argv = list(sys.argv if argv is None else argv)
-    name = _prescan(argv, "topology")
-    if name is None:
-        print(f"cfm.aot: --topology is required, e.g. {EXAMPLES}", file=sys.stderr)
-        return 2
-    try:
-        topo = parse_topology(name)
-    except TopologyError as e:
-        print(f"cfm.aot: {e}", file=sys.stderr)
-        return 2
-    prepare_environment(topo)  # before the config file imports jax
-
-    # after prepare_environment: the config file (and cfm.config_loader) may import jax
+def _main(argv: list[str]) -> None:
+    # cfm.config_loader imports no JAX; the config files it loads may, and they load only in
+    # parse_command_line, after prepare_environment
     from absl import flags
 
     from cfm import config_loader
 
+    name = _prescan(argv, "topology")
+    if name is not None:
+        topo = parse_topology(name)
+        prepare_environment(topo)  # before the config file imports jax
+    elif not config_loader.help_requested(argv):  # --help needs no topology
+        raise AotError(f"--topology is required, e.g. {EXAMPLES}")
+
     def define(fv: flags.FlagValues) -> None:
-        flags.DEFINE_string("topology", None, f"e.g. {EXAMPLES}", flag_values=fv)
+        flags.DEFINE_string("topology", None, "the slice to compile for, <generation>:<chips "
+                            f"per dimension> or cpu:N, e.g. {EXAMPLES}", flag_values=fv)
         flags.DEFINE_string("json", None, "also write the figures to this JSON file",
                             flag_values=fv)
 
     try:
-        fv = config_loader.parse_command_line(argv, define)
+        fv = config_loader.parse_command_line(
+            argv, define, doc=__doc__, required=("config", "topology"),
+            example="python -m cfm.aot --config configs/omics_mgm.py:test --topology cpu:8")
     except config_loader.CommandLineError as e:
-        print(f"cfm.aot: bad command line: {e}", file=sys.stderr)
-        return 2
-    if fv.config is None:
-        print("cfm.aot: --config configs/<file>.py:<arg> is required", file=sys.stderr)
-        return 2
-    try:
-        report = compile_step(fv.config, topo)
-    except AotError as e:
-        print(f"cfm.aot: {e}", file=sys.stderr)
-        return 2
+        raise AotError(f"bad command line: {e}") from None
+    if fv.json and not os.path.isdir(os.path.dirname(os.path.abspath(fv.json))):
+        raise AotError(f"--json {fv.json}: its folder does not exist")
+    report = compile_step(fv.config, topo)
     print(format_report(report), flush=True)
     if fv.json:
         with open(fv.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry; returns the exit status (0 ok, 2 bad input with one line on stderr,
+    1 a bug, with its traceback)."""
+    argv = list(sys.argv if argv is None else argv)
+    return errors.run_cli("cfm.aot", lambda: _main(argv), {AotError: "", TopologyError: ""})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cfm import cli_help, compat, pretrained
+from cfm import cli_help, compat, errors, pretrained
 from cfm.data.sources import ShardSource
 from cfm.omics_embed import embed_omics
 
@@ -138,17 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch < 1 or args.per_file < 1:
         ap.error("--batch and --per-file must be positive")
-    try:
+    done: list[int] = []
+
+    def run() -> None:
+        errors.check_workdir(args.out, "--out")  # a file, /proc, read-only: refused now
         if args.omics:
-            n = embed_omics(args.model, args.omics, args.out, args.step, min(args.batch, 64),
-                            trust_data=args.trust_data)
+            done.append(embed_omics(args.model, args.omics, args.out, args.step,
+                                    min(args.batch, 64), trust_data=args.trust_data))
         else:
-            n = embed(args.model, args.shards, args.out, args.step, args.batch, args.per_file,
-                      args.allow_scale_mismatch)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"cfm.embed: {e}", file=sys.stderr)
-        return 2
-    print(f"cfm.embed: wrote {n} embeddings to {args.out}")
+            done.append(embed(args.model, args.shards, args.out, args.step, args.batch,
+                              args.per_file, args.allow_scale_mismatch))
+
+    status = errors.run_cli("cfm.embed", run, {FileNotFoundError: "", FileExistsError: "",
+                                               ValueError: ""})
+    if status:
+        return status
+    print(f"cfm.embed: wrote {done[0]} embeddings to {args.out}")
     return 0
 
 

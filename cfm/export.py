@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
-from cfm import cli_help, pretrained
+from cfm import cli_help, errors, pretrained
 from cfm.atomic import atomic_folder
 from cfm.checkpoint import CheckpointError, flatten
 from cfm.models.backbone import architecture
@@ -377,11 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the weights")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
-    try:
-        info = export(args.workdir, args.out, args.format, args.step, args.dtype, args.overwrite)
-    except (FileNotFoundError, FileExistsError, CheckpointError, ExportError) as e:
-        print(f"cfm.export: {e}", file=sys.stderr)
-        return 2
+    info: dict = {}
+
+    def run() -> None:
+        errors.check_workdir(args.out, "--out")  # a file, /proc, read-only: refused now
+        info.update(export(args.workdir, args.out, args.format, args.step, args.dtype,
+                           args.overwrite))
+
+    status = errors.run_cli("cfm.export", run, {FileNotFoundError: "", FileExistsError: "",
+                                                CheckpointError: "", ExportError: ""})
+    if status:
+        return status
     out = os.path.abspath(args.out)
     print(f"cfm.export: wrote the step-{info['provenance']['step']} backbone "
           f"({info['architecture']['variant']}, {args.format}, {args.dtype}) to {out}")

@@ -367,6 +367,32 @@ def apply_init_from(state: Any, config: Any, path: str, step: int | None = None
                          teacher=_assemble(state.teacher, teachers)), report
 
 
+def _has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` (local or gs://) holds a checkpoint step folder to resume."""
+    folder = epath.Path(checkpoint.checkpoint_dir(workdir))
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_path(config: Any, workdir: str) -> None:
+    """For a new run (no checkpoint in `workdir` to resume) with `config.init_from` set:
+    InitFromError now, before any model is built or anything written, if PATH is missing, is
+    neither a cfm.train workdir nor a cfm.export folder, or lacks `config.init_from_step`.
+    Reads no weights."""
+    path = config.get("init_from", "") or ""
+    if not path or _has_checkpoint(workdir):
+        return
+    step = config.get("init_from_step", -1)
+    kind, where, step = resolve(path, None if step is None or step < 0 else int(step))
+    if kind == "checkpoint":
+        try:
+            _, steps = checkpoint.checkpoint_steps(where)
+        except FileNotFoundError as e:
+            raise _err(path, str(e)) from None
+        if step is not None and step not in steps:
+            raise _err(path, f"config.init_from_step={step}: no such checkpoint; it holds steps "
+                             f"{steps}")
+
+
 def maybe_init_from(state: Any, config: Any, workdir: str, is_main: bool = True) -> Any:
     """The trainer's hook for a run that restored no checkpoint: `config.init_from` unset ->
     `state` unchanged; else `apply_init_from`, with the report printed and written to

@@ -1,4 +1,4 @@
-"""The cfm trainer: one loop for every pretraining objective (`config.objective`: DINOv2 on
+r"""The cfm trainer: one loop for every pretraining objective (`config.objective`: DINOv2 on
 tiles, masked gene modelling on omics; `cfm.objectives`), one checkpoint format.
 
     python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run \
@@ -22,8 +22,9 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from cfm import (checkpoint, config_check, config_loader, init_from, metrics, preemption,
-                 schedules, setup)
+from cfm import (checkpoint, config_check, config_loader, errors, init_from, metrics,
+                 preemption, schedules, setup)
+from cfm.data import sources
 from cfm.parallel import distributed
 
 
@@ -31,12 +32,17 @@ from cfm.parallel import distributed
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) pretraining in `workdir`; returns the last logged metrics."""
     # ---- config, mesh, models, step (nothing allocated yet) ---------------------------------
-    s = setup.setup(config)  # ConfigError for a config that cannot work
+    try:  # the tile folder or shards: a look (file list, one item), before anything is built
+        sources.check_source(config.data)
+    except (OSError, ValueError) as e:
+        raise config_check.ConfigError(str(e)) from None
+    s = setup.setup(config)  # ConfigError for a config (or omics data) that cannot work
     config, mesh = s.config, s.mesh  # the objective's prepared config is the one checkpointed
+    init_from.check_path(config, workdir)  # a new run's config.init_from: missing -> error now
     total_steps = config.total_steps if config.total_steps > 0 else schedules.schedule_steps(
         config)
     is_main = jax.process_index() == 0
-    if is_main:
+    if is_main:  # the workdir only now, after every check of the config and the data
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
         print(f"cfm.train: {config.model.variant}, batch {config.batch_size}, {total_steps} steps,"
               f" mesh {dict(mesh.shape)}"
@@ -117,33 +123,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return last
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> None:
     def define(fv: flags.FlagValues) -> None:
-        flags.DEFINE_string("workdir", None, "where checkpoints, events and plots go",
+        flags.DEFINE_string("workdir", None, "where checkpoints, events and plots go (local or "
+                            "gs://); created only once the config and the data are checked",
                             flag_values=fv)
 
-    try:
-        flags_def = config_loader.parse_command_line(sys.argv if argv is None else argv, define)
-    except config_loader.CommandLineError as e:
-        print(f"cfm.train: bad command line: {e}", file=sys.stderr)
-        return 2
-    if flags_def.config is None or flags_def.workdir is None:
-        print("cfm.train: both --config configs/<file>.py:<arg> and --workdir DIR are required",
-              file=sys.stderr)
-        return 2
-    try:
-        # before anything starts a JAX backend: CFM_*, SLURM or TPU-pod processes join; a
-        # single process: no-op
-        distributed.initialize()
-    except distributed.DistributedConfigError as e:
-        print(f"cfm.train: bad multi-process setup: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(flags_def.config, flags_def.workdir)
-    except config_check.ConfigError as e:
-        print(f"cfm.train: bad config: {e}", file=sys.stderr)
-        return 2
-    return 0
+    flags_def = config_loader.parse_command_line(
+        argv, define, doc=__doc__, required=("config", "workdir"),
+        example="python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run")
+    errors.check_workdir(flags_def.workdir)  # a file, /proc, read-only: refused, nothing made
+    # before anything starts a JAX backend: CFM_*, SLURM or TPU-pod processes join; a single
+    # process: no-op
+    distributed.initialize()
+    train(flags_def.config, flags_def.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when done (or stopped by a signal with its checkpoint saved); 2 with
+    one line on stderr for bad input (nothing created); 1 with the traceback for a bug."""
+    return errors.run_cli("cfm.train", lambda: _main(sys.argv if argv is None else argv), {
+        config_loader.CommandLineError: "bad command line",
+        distributed.DistributedConfigError: "bad multi-process setup",
+        config_check.ConfigError: "bad config"})
 
 
 if __name__ == "__main__":

@@ -156,6 +156,42 @@ class ShardSource:
         return self.tile(index)[0]
 
 
+def _omics_hint(path: str) -> str:
+    """" (a data_prep.prepare_omics folder: ...)" when `path` holds an omics manifest."""
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            omics = '"cfm-omics/' in f.read(4096)
+    except OSError:
+        return ""
+    return (" (it is a data_prep.prepare_omics folder: train on it with "
+            "configs/omics_mgm.py and --config.data.source=prepared)") if omics else ""
+
+
+def check_source(data_cfg) -> None:
+    """Fail now, naming `data.path`, if the source `data_cfg` names cannot give tiles: a missing
+    folder, one without image files (folder) or shards (shards), a first image or tile record
+    that does not decode. Reads the file list, the shards' indices and one item, not the
+    data; FileNotFoundError or ValueError."""
+    if data_cfg.source == "folder":
+        source = FolderSource(data_cfg.path)
+        source[0]  # ValueError naming the file if it is not an image
+    elif data_cfg.source == "shards":
+        path, hint = data_cfg.path, _omics_hint(data_cfg.path)
+        try:
+            source = ShardSource(path)
+        except (FileNotFoundError, ValueError) as e:  # the message names data.path
+            raise ValueError(f"{e}{hint}") from None
+        except (RuntimeError, OSError) as e:  # array_record refuses a file that is not one
+            raise ValueError(f"data.path={path!r}: its .array_record files do not read as "
+                             f"shards ({e}); write them with python -m data_prep.tile_wsi"
+                             ) from None
+        try:
+            source.tile(0)
+        except ValueError as e:
+            raise ValueError(f"data.path={path!r}: its first tile does not read ({e}){hint}"
+                             ) from None
+
+
 def make_source(data_cfg, seed: int):
     """The source `data_cfg.source` names: "synthetic", "folder" or "shards" (the last two read
     `data_cfg.path`)."""

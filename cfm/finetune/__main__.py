@@ -1,6 +1,7 @@
-"""`python -m cfm.finetune --config configs/finetune/<task>.py:<arg> --workdir DIR
-[--config.key=value ...]`: parse flags as cfm.train does, run the task, exit 2 with a one-line
-message on a bad command line, bad config or bad input (FinetuneError)."""
+"""Exit status: 0 when done (results in --workdir); 2 for a bad command line, config, workdir
+or input (FinetuneError): one line on stderr naming it, nothing written; 1 for a bug in cfm,
+with its traceback. The work happens in a staging folder beside --workdir, renamed into place
+only when the task succeeds."""
 
 from __future__ import annotations
 
@@ -9,38 +10,36 @@ import sys
 
 from absl import flags
 
-from cfm import config_loader, finetune
+from cfm import config_loader, errors, finetune
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI: 0 on success, 2 on a bad command line, config or input."""
+def _main(argv: list[str]) -> None:
     def define(fv: flags.FlagValues) -> None:
-        flags.DEFINE_string("workdir", None, "where results.json, report.md and plots go",
+        flags.DEFINE_string("workdir", None, "where results.json, report.md and plots go (a "
+                            "new folder, or one to replace with --config.overwrite=True)",
                             flag_values=fv)
 
-    try:
-        flags_def = config_loader.parse_command_line(
-            sys.argv if argv is None else argv, define, "configs/finetune/<task>.py:<arg>")
-    except config_loader.CommandLineError as e:
-        print(f"cfm.finetune: bad command line: {e}", file=sys.stderr)
-        return 2
+    flags_def = config_loader.parse_command_line(
+        argv, define, "configs/finetune/<task>.py:<arg>", doc=f"{finetune.__doc__}\n{__doc__}",
+        required=("config", "workdir"),
+        example="python -m cfm.finetune --config configs/finetune/icb_response.py:test "
+                "--workdir /tmp/cfm_icb")
+    errors.check_workdir(flags_def.workdir)  # a file, /proc, read-only: refused, nothing made
     config = flags_def.config
-    if config is None or flags_def.workdir is None:
-        print("cfm.finetune: both --config configs/finetune/<task>.py:<arg> and --workdir DIR "
-              "are required", file=sys.stderr)
-        return 2
     # SIGTERM (kill, a scheduler's preemption) becomes SystemExit, so the staging folder is
     # removed on the way out instead of being left next to the workdir
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        results = finetune.run(config, flags_def.workdir)
-    except finetune.FinetuneError as e:
-        print(f"cfm.finetune: bad input: {e}", file=sys.stderr)
-        return 2
+    results = finetune.run(config, flags_def.workdir)
     summary = results.get("summary_line") if isinstance(results, dict) else None
     print(f"cfm.finetune: done; results in {flags_def.workdir}" + (f" ({summary})" if summary
                                                                   else ""), flush=True)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 on success, 2 (one line on stderr) on a bad command line, config, workdir or
+    input, 1 (with the traceback) on a bug."""
+    return errors.run_cli("cfm.finetune", lambda: _main(sys.argv if argv is None else argv), {
+        config_loader.CommandLineError: "bad command line", finetune.FinetuneError: "bad input"})
 
 
 if __name__ == "__main__":
