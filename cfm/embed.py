@@ -22,6 +22,11 @@ import shutil
 import sys
 import time
 
+from cfm import preemption
+
+if __name__ == "__main__":  # before the imports below load JAX (seconds): a signal
+    preemption.note_signals()  # meanwhile is noted, then acted on (cfm.preemption)
+
 import jax
 import ml_collections
 import numpy as np
@@ -149,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             done.append(embed(args.model, args.shards, args.out, args.step, args.batch,
                               args.per_file, args.allow_scale_mismatch))
 
-    status = errors.run_cli("cfm.embed", run, {FileNotFoundError: "", FileExistsError: "",
-                                               ValueError: ""})
+    # SIGTERM / SIGINT: one line saying what --out holds, exit 143 / 130 (cfm.preemption)
+    with preemption.stop_on_signals("cfm.embed", preemption.folder_kept(args.out)):
+        status = errors.run_cli("cfm.embed", run, {FileNotFoundError: "", FileExistsError: "",
+                                                   ValueError: ""})
     if status:
         return status
     print(f"cfm.embed: wrote {done[0]} embeddings to {args.out}")
@@ -158,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    preemption.exit_now(main())  # no interpreter teardown under XLA's threads

@@ -31,8 +31,12 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from typing import Any
+
+from cfm import preemption
+
+if __name__ == "__main__":  # before the imports below load JAX (seconds): a signal
+    preemption.note_signals()  # meanwhile is noted, then acted on (cfm.preemption)
 
 import ml_dtypes
 import numpy as np
@@ -384,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         info.update(export(args.workdir, args.out, args.format, args.step, args.dtype,
                            args.overwrite))
 
-    status = errors.run_cli("cfm.export", run, {FileNotFoundError: "", FileExistsError: "",
-                                                CheckpointError: "", ExportError: ""})
+    # SIGTERM / SIGINT: one line saying what --out holds, exit 143 / 130 (cfm.preemption)
+    with preemption.stop_on_signals("cfm.export", preemption.folder_kept(args.out)):
+        status = errors.run_cli("cfm.export", run, {FileNotFoundError: "", FileExistsError: "",
+                                                    CheckpointError: "", ExportError: ""})
     if status:
         return status
     out = os.path.abspath(args.out)
@@ -398,4 +404,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    preemption.exit_now(main())  # no interpreter teardown under XLA's threads

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import sys
 
+from cfm import preemption
+
+if __name__ == "__main__":  # before the imports below load JAX (seconds): a signal
+    preemption.note_signals()  # meanwhile is noted, then acted on (cfm.preemption)
+
 import jax
 import ml_collections
 import numpy as np
@@ -23,7 +28,7 @@ from absl import flags
 from etils import epath
 
 from cfm import (checkpoint, config_check, config_loader, errors, init_from, metrics,
-                 preemption, schedules, setup)
+                 schedules, setup)
 from cfm.data import sources
 from cfm.parallel import distributed
 
@@ -89,9 +94,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- loop ------------------------------------------------------------------------------
     writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main,
                                   unit=s.objective.unit)
-    watcher = preemption.PreemptionWatcher()  # SIGTERM / preemption notice: save and exit 0
+    # SIGTERM, SIGINT or a preemption notice from here on: finish the step, save, exit 0 (before
+    # the loop, main's preemption.stop_on_signals stops at once: nothing new to save)
+    watcher = preemption.PreemptionWatcher(multi_process=jax.process_count() > 1)
     last: dict = {}
-    with jax.set_mesh(mesh), watcher:  # the watcher restores the old handler on exit
+    stop = False
+    with jax.set_mesh(mesh), watcher:  # the watcher restores the old handlers on exit
         for step in range(start, total_steps):
             state, out = s.step(state, setup.global_batch(s, local))
             done = step + 1
@@ -113,13 +121,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 break
             if done < total_steps:
                 local = next(batches)
-    ckpt.wait_until_finished()
-    ckpt.close()
-    writer.close()
-    if watcher.signal_name is not None:
-        return last
-    if is_main:
-        print(f"cfm.train: done at step {total_steps}; workdir {workdir}", flush=True)
+        ckpt.wait_until_finished()  # a signal now is only noted: the last save completes
+        ckpt.close()
+        writer.close()
+        if is_main and not stop:
+            print(f"cfm.train: done at step {total_steps}; workdir {workdir}", flush=True)
     return last
 
 
@@ -136,7 +142,21 @@ def _main(argv: list[str]) -> None:
     # before anything starts a JAX backend: CFM_*, SLURM or TPU-pod processes join; a single
     # process: no-op
     distributed.initialize()
-    train(flags_def.config, flags_def.workdir)
+    # SIGTERM / SIGINT before the loop: stop at once, one line, exit 143 / 130; in the loop
+    # train's PreemptionWatcher saves and exits 0 (cfm.preemption)
+    with preemption.stop_on_signals("cfm.train", lambda: _stopped_early(flags_def.workdir),
+                                    multi_process=jax.process_count() > 1):
+        train(flags_def.config, flags_def.workdir)
+
+
+def _stopped_early(workdir: str) -> str:
+    """What a stop before the loop keeps, for `preemption.stop_on_signals`'s line."""
+    try:
+        newest = checkpoint.checkpoint_steps(workdir)[1][-1]
+    except FileNotFoundError:  # no checkpoint yet
+        return "before the first step: nothing to save, no checkpoint written"
+    return (f"before step {newest + 1}: nothing new to save; checkpoint {newest} kept, run the "
+            "same command to resume")
 
 
 def main(argv: list[str] | None = None) -> int:

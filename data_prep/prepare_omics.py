@@ -53,7 +53,7 @@ import time
 
 import numpy as np
 
-from cfm import cli_help
+from cfm import cli_help, preemption
 from cfm.atomic import atomic_folder
 from cfm.data.omics_records import MODALITIES, encode_sample
 from cfm.data.omics_source import FORMAT
@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     if args is None:
         return status
     out = os.path.abspath(args.out)
-    try:
-        with atomic_folder(out) as tmp:  # an existing --out is replaced only on success
+    try:  # SIGTERM / SIGINT: the staging folder is removed, one line, exit 143 / 130
+        with preemption.stop_on_signals("prepare_omics", preemption.folder_kept(out)), \
+                atomic_folder(out) as tmp:  # an existing --out is replaced only on success
             manifest = prepare(args, tmp)
     except OmicsInputError as err:
         print(f"prepare_omics: {err}", file=sys.stderr)

@@ -52,7 +52,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from cfm import cli_help
+from cfm import cli_help, preemption
 from cfm.atomic import fsync_dir
 from cfm.data.records import encode_tile
 from data_prep import shard_io, tissue
@@ -408,27 +408,35 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['slide_id']}: {note}; {tiles / elapsed:.1f} tiles/s, "
               f"ETA {format_eta(eta)}", file=sys.stderr, flush=True)
 
-    if args.workers == 1:
-        for path in slides:
-            record(tile_slide(path, settings, known_for(path)))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-            futures = {pool.submit(tile_slide, p, settings, known_for(p)): p for p in slides}
-            for future in concurrent.futures.as_completed(futures):
-                try:
-                    record(future.result())
-                except Exception as err:  # noqa: BLE001 - e.g. a reader crashed the worker
-                    path = futures[future]
-                    record({"path": path, "status": "failed", "tiles": 0, "size_bytes": "",
-                            "mtime_ns": "", "content_sha256": "",
-                            "slide_id": salted_id(salt, "path:" + path),
-                            "reason": "crashed: " + _scrub(f"{type(err).__name__}: {err}",
-                                                           path)})
-    packed = pack_shards(out, args.tiles_per_shard)
-    atomic_write(os.path.join(out, "failures.csv"), _csv_bytes(("slide_id", "reason"), failures))
-    print(f"tile_wsi: {len(slides) - len(failures)}/{len(slides)} slides ok, {packed} tiles "
-          f"packed into {out}", file=sys.stderr)
+    # SIGTERM / SIGINT: workers ended, finished slides kept, one line, exit 143 / 130
+    def kept() -> str:
+        return (f"after {done} of {len(slides)} slides: the finished ones stay in {out}; run "
+                "the same command to go on (it skips them and clears unfinished .tmp files)")
+
+    with preemption.stop_on_signals("tile_wsi", kept):
+        if args.workers == 1:
+            for path in slides:
+                record(tile_slide(path, settings, known_for(path)))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(
+                    args.workers, mp_context=context, initializer=preemption.ignore_sigint) as pool:
+                futures = {pool.submit(tile_slide, p, settings, known_for(p)): p for p in slides}
+                for future in concurrent.futures.as_completed(futures):
+                    try:
+                        record(future.result())
+                    except Exception as err:  # noqa: BLE001 - e.g. a reader crashed the worker
+                        path = futures[future]
+                        record({"path": path, "status": "failed", "tiles": 0, "size_bytes": "",
+                                "mtime_ns": "", "content_sha256": "",
+                                "slide_id": salted_id(salt, "path:" + path),
+                                "reason": "crashed: " + _scrub(f"{type(err).__name__}: {err}",
+                                                               path)})
+        packed = pack_shards(out, args.tiles_per_shard)
+        atomic_write(os.path.join(out, "failures.csv"),
+                     _csv_bytes(("slide_id", "reason"), failures))
+        print(f"tile_wsi: {len(slides) - len(failures)}/{len(slides)} slides ok, {packed} tiles "
+              f"packed into {out}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -5,8 +5,12 @@ only when the task succeeds."""
 
 from __future__ import annotations
 
-import signal
 import sys
+
+from cfm import preemption
+
+if __name__ == "__main__":  # before the imports below load JAX (seconds): a signal
+    preemption.note_signals()  # meanwhile is noted, then acted on (cfm.preemption)
 
 from absl import flags
 
@@ -26,13 +30,13 @@ def _main(argv: list[str]) -> None:
                 "--workdir /tmp/cfm_icb")
     errors.check_workdir(flags_def.workdir)  # a file, /proc, read-only: refused, nothing made
     config = flags_def.config
-    # SIGTERM (kill, a scheduler's preemption) becomes SystemExit, so the staging folder is
-    # removed on the way out instead of being left next to the workdir
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results = finetune.run(config, flags_def.workdir)
-    summary = results.get("summary_line") if isinstance(results, dict) else None
-    print(f"cfm.finetune: done; results in {flags_def.workdir}" + (f" ({summary})" if summary
-                                                                  else ""), flush=True)
+    # SIGTERM / SIGINT: the staging folder is removed on the way out, one line says so, exit
+    # 143 / 130 (cfm.preemption)
+    with preemption.stop_on_signals("cfm.finetune", preemption.folder_kept(flags_def.workdir)):
+        results = finetune.run(config, flags_def.workdir)
+        summary = results.get("summary_line") if isinstance(results, dict) else None
+        print(f"cfm.finetune: done; results in {flags_def.workdir}"
+              + (f" ({summary})" if summary else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    preemption.exit_now(main())  # no interpreter teardown under XLA's threads (cfm.preemption)
