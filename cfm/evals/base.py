@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from cfm.config_check import ConfigError
@@ -95,9 +94,3 @@ class ShardedForward:
                 outs.append(jax.tree.map(lambda a: np.asarray(a)[:m], out))
         return jax.tree.map(lambda *a: np.concatenate(a), *outs)
 
-
-def entry_get(entry: Any, key: str, default: Any) -> Any:
-    """`entry[key]` of a dict or ConfigDict entry, `default` when absent."""
-    if isinstance(entry, ml_collections.ConfigDict):
-        return entry.get(key, default)
-    return entry.get(key, default) if isinstance(entry, dict) else default

@@ -19,8 +19,8 @@ Differences from the benchmark, which evaluates a finished run: each held-out sa
 the training pipeline feeds it, at most `data.max_tokens` tokens (a subset seeded by sample),
 so one jitted shape serves every evaluation; the kNN reference sees the same visible tokens;
 at most `max_samples` held-out and `max_train` training samples are used. Under a
-classification expression loss the predicted value is the arg-max bin (Pearson is unchanged by
-the monotone map from values to bins only up to its non-linearity).
+classification expression loss the predicted value is the arg-max bin index, a monotone but
+non-linear map of the value, so its Pearson r is only comparable between such runs.
 """
 
 from __future__ import annotations
