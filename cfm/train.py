@@ -58,11 +58,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = setup.create_state(s)
     ckpt = checkpoint.manager(workdir, config)
     resume_step = config.resume_step if config.resume_step >= 0 else None
-    try:
-        restored = checkpoint.restore(ckpt, state, resume_step)
+    try:  # damaged newest steps: named (exit 2), or moved aside with damaged_checkpoints
+        restored = checkpoint.restore(
+            ckpt, state, resume_step, on_damage=config.damaged_checkpoints,
+            log=lambda line: print(f"cfm.train: {line}", flush=True) if is_main else None)
     except checkpoint.CheckpointError as e:
         ckpt.close()
-        raise config_check.ConfigError(str(e)) from None
+        raise errors.UserError(str(e)) from None
     start = 0
     if restored is not None:
         state, start = restored
