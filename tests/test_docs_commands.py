@@ -1,0 +1,238 @@
+"""Every command in README.md and docs/*.md is run here with tiny settings, or marked.
+
+A command is a `python -m MODULE ...` or `python benchmarks/NAME.py ...` line of a ```bash block
+(lines ending in `\\` joined; `&&` chains split; a leading `path/to/python` counts too).
+`python -m venv` and `python -m pytest` are the install and CI's own command (b): not run here.
+
+Marks: an HTML comment on the line(s) before a block's fence applies to every command in it.
+- `<!-- needs: tpu|gpu|slurm|libtpu -->`: not run (libtpu: the `tpu` extra, which CI does not
+  install; no chip needed). Only the mark is checked.
+- `<!-- expect: exit N -->`: run, and the exit status must be N (error examples).
+Every other command must exit 0.
+
+Commands run in document order (PAGES), so later pages reuse what earlier ones made (the demo
+run of README command (a), the tiles of docs/slides.md, ...). The rewrite table (`rewrite`):
+- `/tmp/...` -> a fresh session folder; `../shared/data` -> the `shared_data` fixture's path;
+- config presets -> their tiny test presets (PRESETS), plus every `/tmp/...` default of the
+  documented preset passed explicitly (so `demo`'s data.path or the fine-tuning configs' encoder
+  and shard paths follow the folder); `cfm.train`'s `total_steps` -> 2 (added where absent);
+- `cfm.export --step N` -> the last step of the tiny run (2);
+- launchers -> `--dry-run` (prints every command, runs none);
+- benchmarks and data generators -> the smallest sizes (EXTRA_ARGS, appended: the last value of
+  a flag wins).
+`python -m` modules run in this process (`runpy`, as `python -m` runs them; one JAX start-up for
+all; their final `os._exit(status)` becomes that exit status); `cfm.aot` (it sets XLA flags before JAX starts) and benchmark scripts run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pathlib
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, load_config
+
+PAGES = ["README.md", "docs/slides.md", "docs/pretraining.md", "docs/checkpoints.md",
+         "docs/omics.md", "docs/finetuning.md", "docs/scale_out.md", "docs/launching.md",
+         "docs/benchmarks.md"]  # the order the commands run in; other docs/*.md come last
+NEEDS = {"tpu", "gpu", "slurm", "libtpu"}
+SETUP_MODULES = {"venv", "pytest", "pip"}  # the install and CI's command (b)
+LAUNCHERS = {"launch.tpu", "launch.slurm", "launch.local"}
+SUBPROCESS = {"cfm.aot"}  # sets XLA flags before JAX starts: needs a fresh process
+
+# documented preset -> (test preset, extra overrides)
+PRESETS = {
+    "configs/dino_vit.py:demo": ("configs/dino_vit.py:test", ["--config.data.source=folder"]),
+    "configs/omics_mgm.py:demo": ("configs/omics_mgm.py:test", []),
+    "configs/omics_mgm.py:tcga": ("configs/omics_mgm.py:tcga", [
+        "--config.model.variant=omics_test", "--config.batch_size=8"]),
+    "configs/finetune/domain_adapt.py:uni": ("configs/finetune/domain_adapt.py:test", []),
+    "configs/finetune/icb_response.py:loco": ("configs/finetune/icb_response.py:test", []),
+    "configs/finetune/tcga_survival.py:blca": ("configs/finetune/tcga_survival.py:test", []),
+}
+for _task in ("tile_probe", "slide_mil", "spatial", "tme"):
+    PRESETS[f"configs/finetune/{_task}.py:synthetic"] = (f"configs/finetune/{_task}.py:test", [])
+PRESETS["configs/finetune/tme.py:cmu"] = ("configs/finetune/tme.py:test", [])
+
+# module or script -> arguments appended (tiny sizes)
+EXTRA_ARGS = {
+    "data_prep.synthetic_tme": ["--patients", "6", "--tiles-per-class", "3", "--slides", "8",
+                                "--grid", "4"],
+    "benchmarks.omics_eval": ["--splits", "test"],
+    "benchmarks.omics_step": ["--variant", "omics_test", "--tokens", "48", "--batch", "8",
+                              "--steps", "1"],
+    "benchmarks/train_step.py": ["--variant", "vit_test", "--batch", "8", "--global-size", "32",
+                                 "--local-size", "16", "--local-crops", "2", "--steps", "1"],
+    "benchmarks/input_pipeline.py": ["--preset", "test", "--samples", "4", "--rounds", "1",
+                                     "--tiles", "4", "--tile-size", "64"],
+    "benchmarks/tile_wsi.py": ["--repeats", "1"],
+    "benchmarks/checkpoint.py": ["--variant", "test", "--batch", "2", "--global-size", "32",
+                                 "--local-size", "16", "--steps", "1", "--rounds", "1",
+                                 "--dir", "/tmp/cfm_bench_ckpt"],
+}
+TINY_STEPS = 2
+
+_CMD = re.compile(r"^(?:\S*/)?python\s+(?:-m\s+(?P<module>\S+)|(?P<script>benchmarks/\S+\.py))")
+_MARK = re.compile(r"<!--\s*(needs|expect):\s*([^>]*?)\s*-->")
+
+
+def extract(path: pathlib.Path) -> list[dict]:
+    """The commands of `path`'s ```bash blocks: {page, line, text, needs, expect}."""
+    out, lines = [], path.read_text().splitlines()
+    i, mark = 0, {}
+    while i < len(lines):
+        line = lines[i].strip()
+        m = _MARK.fullmatch(line)
+        if m:
+            mark = {m.group(1): m.group(2)}
+        elif line.startswith("```bash"):
+            i += 1
+            while i < len(lines) and not lines[i].strip().startswith("```"):
+                start, text = i + 1, lines[i].rstrip()
+                while text.endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    text = text[:-1].rstrip() + " " + lines[i].strip()
+                for part in text.split("&&"):
+                    part = re.sub(r"\s+#.*$", "", part.strip())
+                    c = _CMD.match(part)
+                    if c and (c.group("module") or "").split(".")[0] not in SETUP_MODULES:
+                        out.append({"page": str(path.relative_to(ROOT)), "line": start,
+                                    "text": part, "needs": mark.get("needs"),
+                                    "expect": int(mark.get("expect", "exit 0").split()[-1]),
+                                    "target": c.group("module") or c.group("script")})
+                i += 1
+            mark = {}
+        elif line:
+            mark = {}
+        i += 1
+    return out
+
+
+def all_commands() -> list[dict]:
+    rest = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    pages = PAGES + [p for p in rest if p not in PAGES]
+    return [c for p in pages for c in extract(ROOT / p)]
+
+
+def _tmp_defaults(spec: str) -> list[str]:
+    """`--config.key=/tmp/...` for every string default under /tmp/ of the config `spec`."""
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif isinstance(v, str) and v.startswith("/tmp/"):
+                yield f"--config.{prefix}{k}={v}"
+    return list(walk(load_config(*spec.split("configs/", 1)[1].split(":")).to_dict(), ""))
+
+
+def rewrite(cmd: dict, tmp: pathlib.Path, shared: pathlib.Path) -> list[str]:
+    """The argv (after `python`) the test runs for a documented command (module docstring)."""
+    argv = shlex.split(cmd["text"])[1:]  # without python
+    target = cmd["target"]
+    if target in LAUNCHERS:
+        sub = 1 if target == "launch.tpu" else 0  # after `run` / `delete`
+        argv.insert(2 + sub, "--dry-run")
+        return argv  # the job is printed, not run: left as documented
+    if "--config" in argv:
+        i = argv.index("--config") + 1
+        spec = argv[i]
+        test_spec, extra = PRESETS.get(spec, (spec, []))
+        given = {a.split("=")[0] for a in argv}
+        argv[i] = test_spec
+        argv += [a for a in _tmp_defaults(spec) + extra if a.split("=")[0] not in given]
+        if target == "cfm.train":
+            argv = [a for a in argv if not a.startswith("--config.total_steps=")]
+            argv.append(f"--config.total_steps={TINY_STEPS}")
+    if target == "cfm.export" and "--step" in argv:
+        argv[argv.index("--step") + 1] = str(TINY_STEPS)
+    argv += EXTRA_ARGS.get(target, [])
+    return [a.replace("/tmp/", f"{tmp}/").replace("../shared/data", str(shared)) for a in argv]
+
+
+def _run(argv: list[str], target: str) -> tuple[int, str]:
+    """(exit status, output tail) of `python ARGV`: in this process for `python -m`, else a
+    subprocess."""
+    if target.endswith(".py") or target in SUBPROCESS:
+        p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+        return p.returncode, (p.stdout + p.stderr)[-3000:]
+    buf, saved, os_exit = io.StringIO(), sys.argv, os._exit
+    sys.argv = [target, *argv[2:]]
+    code = 0
+
+    def _exit(status: int):  # the CLIs leave with os._exit (cfm.preemption.exit_now)
+        raise SystemExit(status)
+
+    os._exit = _exit
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # a traceback is a failure of the documented command
+        code = f"{type(e).__name__}: {e}"
+    finally:
+        sys.argv, os._exit = saved, os_exit
+    return code, buf.getvalue()[-3000:]
+
+
+def test_every_command_is_run_or_marked():
+    """Each command is either marked with a known need, or runnable: a module or script that
+    exists. Marked commands must really be the kind that needs it (a `.venv-tpu` one, ...)."""
+    cmds = all_commands()
+    assert len(cmds) >= 20, cmds  # the extraction finds the documented commands
+    for c in cmds:
+        where = f"{c['page']}:{c['line']}: {c['text']}"
+        if c["needs"] is not None:
+            assert c["needs"] in NEEDS, where
+            continue
+        t = c["target"]
+        exists = ((ROOT / t).is_file() if t.endswith(".py") else
+                  (ROOT / t.replace(".", "/")).with_suffix(".py").is_file()
+                  or (ROOT / t.replace(".", "/") / "__main__.py").is_file())
+        assert exists, f"{where}: no such module or script"
+        assert not re.match(r"^\S+/python", c["text"]), f"{where}: a venv's python, not marked"
+        assert "<" not in c["text"] and "DIR" not in c["text"].split(), \
+            f"{where}: a synopsis belongs in a ```text block"
+
+
+def test_rewrite_table():
+    """The rewrite keeps the documented module and flags and only shrinks sizes and paths."""
+    tmp, shared = pathlib.Path("/x"), pathlib.Path("/s")
+    cmd = {"text": "python -m cfm.train --config configs/dino_vit.py:demo --workdir "
+                   "/tmp/cfm_demo/run", "target": "cfm.train"}
+    assert rewrite(cmd, tmp, shared) == [
+        "-m", "cfm.train", "--config", "configs/dino_vit.py:test", "--workdir",
+        "/x/cfm_demo/run", "--config.data.path=/x/cfm_demo/tiles",
+        "--config.data.source=folder", "--config.total_steps=2"]
+    cmd = {"text": "python -m launch.tpu run --name n --zone z --topology v5p:2x2x4 -- python "
+                   "-m cfm.train --config configs/dino_vit.py:vit_l16 --workdir gs://B/r",
+           "target": "launch.tpu"}
+    assert rewrite(cmd, tmp, shared)[:4] == ["-m", "launch.tpu", "run", "--dry-run"]
+
+
+def test_documented_commands_run(tmp_path_factory, shared_data):
+    """Runs every unmarked command, in document order, with the rewrite table; all failures are
+    reported together."""
+    tmp = tmp_path_factory.mktemp("docs")
+    failures, times = [], []
+    for c in all_commands():
+        if c["needs"] is not None:
+            continue
+        argv = rewrite(c, tmp, shared_data)
+        t0 = time.monotonic()
+        code, out = _run(argv, c["target"])
+        times.append(f"{time.monotonic() - t0:6.1f} s  {c['page']}:{c['line']}")
+        if code != c["expect"]:
+            failures.append(f"{c['page']}:{c['line']}: exit {code}, expected {c['expect']}\n"
+                            f"  documented: {c['text']}\n  ran: python {shlex.join(argv)}\n"
+                            f"{out}")
+    print("\n".join(times))  # shown with -s: where the time goes
+    assert not failures, "\n\n".join(failures + times)
