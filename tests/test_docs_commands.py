@@ -21,7 +21,8 @@ run of README command (a), the tiles of docs/slides.md, ...). The rewrite table 
 - benchmarks and data generators -> the smallest sizes (EXTRA_ARGS, appended: the last value of
   a flag wins).
 `python -m` modules run in this process (`runpy`, as `python -m` runs them; one JAX start-up for
-all; their final `os._exit(status)` becomes that exit status); `cfm.aot` (it sets XLA flags before JAX starts) and benchmark scripts run as subprocesses.
+all; their final `os._exit(status)` becomes that exit status); `cfm.aot` (it sets XLA flags
+before JAX starts) and benchmark scripts run as subprocesses.
 """
 
 from __future__ import annotations
