@@ -123,6 +123,13 @@ def compare_normalisation(model_stats: dict, data_stats: dict, model_bins: int,
     return bad, note
 
 
+def _model_stats(folder: str) -> dict:
+    """The model's stats.json: an export carries it without the shards its manifest lists, so
+    it is read directly, not through `read_stats` (which checks a data folder's shards)."""
+    with open(os.path.join(folder, "stats.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def check_omics(spec: ModelSpec, data: str, trust_data: bool = False) -> str:
     """Check a prepared omics folder `data` against an omics model (see the module doc); the
     summary line, or CompatError naming both. `trust_data`: where the model's own vocabulary
@@ -152,15 +159,16 @@ def check_omics(spec: ModelSpec, data: str, trust_data: bool = False) -> str:
     diff = compare_vocab(model_genes, read_vocab(os.path.join(data, "vocab.tsv")))
     if diff:
         raise _differ(spec.path, data, diff + hint)
-    bad, note = compare_normalisation(read_stats(ref), read_stats(data), n_bins,
+    model_stats = _model_stats(ref)
+    bad, note = compare_normalisation(model_stats, read_stats(data), n_bins,
                                       int(manifest["n_bins"]))
     if bad:
-        stats = read_stats(ref)["expression"]
+        stats = model_stats["expression"]
         raise _differ(spec.path, data, "normalisation: " + "; ".join(bad) + hint
                       + f" --expression-transform {stats.get('transform')} --clip "
                         f"{stats.get('clip')} --n-bins {n_bins}")
     return (f"vocabulary ({len(model_genes)} genes) and normalisation (transform "
-            f"{read_stats(ref)['expression'].get('transform')}, {n_bins} bins) match {ref}; "
+            f"{model_stats['expression'].get('transform')}, {n_bins} bins) match {ref}; "
             f"{note}")
 
 

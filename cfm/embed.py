@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -32,7 +31,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cfm import cli_help, compat, errors, pretrained
+from cfm import atomic, cli_help, compat, errors, pretrained
 from cfm.data.sources import ShardSource
 from cfm.omics_embed import embed_omics
 
@@ -66,58 +65,53 @@ def embed(model: str, shards: str, out: str, step: int | None = None, batch: int
     size = config.model.img_size
     mean, std = config.augment.mean, config.augment.std
     apply = jax.jit(lambda p, x: backbone.apply({"params": p}, x)["cls"])
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    n = len(source)
-    n_files = max(1, -(-n // per_file))  # files hold exactly per_file rows, the last the rest
-    rows, chunk, file_idx, in_file, dim = [], [], 0, 0, 0
-    meta_keys: list[str] = []
-    start = time.perf_counter()
+    with atomic.atomic_folder(out) as tmp:  # the whole folder or nothing
+        n = len(source)
+        n_files = max(1, -(-n // per_file))  # files hold exactly per_file rows, the last the rest
+        rows, chunk, file_idx, in_file, dim = [], [], 0, 0, 0
+        meta_keys: list[str] = []
+        start = time.perf_counter()
 
-    def flush():
-        nonlocal chunk, file_idx, in_file
-        name = f"embeddings-{file_idx:05d}-of-{n_files:05d}.npy"
-        np.save(os.path.join(tmp, name), np.concatenate(chunk).astype(np.float32))
-        chunk, file_idx, in_file = [], file_idx + 1, 0
+        def flush():
+            nonlocal chunk, file_idx, in_file
+            name = f"embeddings-{file_idx:05d}-of-{n_files:05d}.npy"
+            np.save(os.path.join(tmp, name), np.concatenate(chunk).astype(np.float32))
+            chunk, file_idx, in_file = [], file_idx + 1, 0
 
-    for lo in range(0, n, batch):
-        idx = range(lo, min(lo + batch, n))
-        tiles, metas = [], []
-        for i in idx:
-            rgb, meta = source.tile(i)
-            tiles.append(_prepare(rgb, size, mean, std))
-            metas.append(meta)
-        x = np.stack(tiles)
-        pad = batch - len(x)  # one compiled shape for every batch
-        feats = np.asarray(apply(params, np.pad(x, ((0, pad), (0, 0), (0, 0), (0, 0)))))
-        dim = feats.shape[-1]
-        for j, (i, meta) in enumerate(zip(idx, metas)):
-            meta_keys = meta_keys or sorted(meta)
-            chunk.append(feats[j:j + 1])
-            rows.append({"file": file_idx, "row": in_file, "tile": i,
-                         **{k: meta.get(k) for k in meta_keys}})
-            in_file += 1
-            if in_file == per_file:
-                flush()
-        done = min(lo + batch, n)
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        print(f"\rcfm.embed: {done}/{n} tiles, {rate:.1f} tiles/s, eta {(n - done) / rate:.0f} s",
-              end="", file=sys.stderr, flush=True)
-    if chunk:
-        flush()
-    print(file=sys.stderr)
-    with open(os.path.join(tmp, "index.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "row", "tile"] + meta_keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(tmp, "embed.json"), "w", encoding="utf-8") as f:
-        json.dump({"checkpoint_step": step, "variant": config.model.variant,
-                   "img_size": size, "dim": int(dim),
-                   "tiles": n, "feature": "teacher final-norm CLS token"}, f, indent=1)
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty, checked above
-    os.replace(tmp, out)
+        for lo in range(0, n, batch):
+            idx = range(lo, min(lo + batch, n))
+            tiles, metas = [], []
+            for i in idx:
+                rgb, meta = source.tile(i)
+                tiles.append(_prepare(rgb, size, mean, std))
+                metas.append(meta)
+            x = np.stack(tiles)
+            pad = batch - len(x)  # one compiled shape for every batch
+            feats = np.asarray(apply(params, np.pad(x, ((0, pad), (0, 0), (0, 0), (0, 0)))))
+            dim = feats.shape[-1]
+            for j, (i, meta) in enumerate(zip(idx, metas)):
+                meta_keys = meta_keys or sorted(meta)
+                chunk.append(feats[j:j + 1])
+                rows.append({"file": file_idx, "row": in_file, "tile": i,
+                             **{k: meta.get(k) for k in meta_keys}})
+                in_file += 1
+                if in_file == per_file:
+                    flush()
+            done = min(lo + batch, n)
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"\rcfm.embed: {done}/{n} tiles, {rate:.1f} tiles/s, "
+                  f"eta {(n - done) / rate:.0f} s", end="", file=sys.stderr, flush=True)
+        if chunk:
+            flush()
+        print(file=sys.stderr)
+        with open(os.path.join(tmp, "index.csv"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "row", "tile"] + meta_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(os.path.join(tmp, "embed.json"), "w", encoding="utf-8") as f:
+            json.dump({"checkpoint_step": step, "variant": config.model.variant,
+                       "img_size": size, "dim": int(dim),
+                       "tiles": n, "feature": "teacher final-norm CLS token"}, f, indent=1)
     return n
 
 

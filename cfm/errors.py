@@ -23,7 +23,7 @@ import traceback
 from typing import Callable, Mapping
 
 ISSUE_TRACKER = "the cfm issue tracker"  # where bug reports go; named in the bug message
-USER_ERROR, BUG = 2, 1  # exit statuses
+USER_ERROR, BUG, SYSTEM = 2, 1, 1  # exit statuses
 
 
 class UserError(ValueError):
@@ -46,9 +46,10 @@ def run_cli(prog: str, fn: Callable[[], int | None],
             user_errors: Mapping[type[BaseException], str] | None = None) -> int:
     """Run a command's body `fn` and return its exit status: `fn`'s (None -> 0); 2 with one
     line on stderr for a UserError or an instance of a key of `user_errors` (the first that
-    matches; its value, e.g. "bad config", leads the line when not empty); 1 with the
-    traceback and a line saying it is a bug in cfm for any other exception. SystemExit and
-    KeyboardInterrupt (a signal handler's exit, --help) pass through."""
+    matches; its value, e.g. "bad config", leads the line when not empty); 1 with one line for
+    an OSError that is no user error (a full disk, a failing device: nothing for cfm to fix);
+    1 with the traceback and a line saying it is a bug in cfm for any other exception.
+    SystemExit and KeyboardInterrupt (a signal handler's exit, --help) pass through."""
     labels = dict(user_errors or {})
     labels.setdefault(UserError, "")  # after the caller's, which may be its subclasses
     try:
@@ -56,6 +57,10 @@ def run_cli(prog: str, fn: Callable[[], int | None],
     except tuple(labels) as e:
         label = next(v for k, v in labels.items() if isinstance(e, k))
         return user_error(prog, f"{label}: {e}" if label else str(e) or type(e).__name__)
+    except OSError as e:  # the machine, not the input or cfm: one line, nothing half-written
+        print(f"{prog}: could not read or write a file: {one_line(e)}", file=sys.stderr,
+              flush=True)
+        return SYSTEM
     except Exception:  # noqa: BLE001 - anything else is a bug: say so and where to report it
         traceback.print_exc()
         print(f"{prog}: this is a bug in cfm, not a problem with your input; please report it "

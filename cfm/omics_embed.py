@@ -14,14 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 
 import jax
 import numpy as np
 
-from cfm import compat, pretrained
+from cfm import atomic, compat, pretrained
 from cfm.data.omics_pipeline import pad_sample
 from cfm.data.omics_source import OmicsShardSource, read_manifest
 
@@ -124,20 +123,15 @@ def embed_omics(model: str, folder: str, out: str, step: int | None = None, batc
     emb = sample_embeddings(p.module, p.params, samples, batch)
     print(f"cfm.embed: {len(samples)} samples in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    np.save(os.path.join(tmp, "embeddings.npy"), emb)
-    with open(os.path.join(tmp, "index.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "sample_id", "patient_id", "split"])
-        for i, m in enumerate(metas):
-            w.writerow([i, m.get("sample_id"), m.get("patient_id"), m.get("split")])
-    with open(os.path.join(tmp, "embed.json"), "w", encoding="utf-8") as f:
-        json.dump({"checkpoint_step": p.step, "variant": p.info["architecture"]["variant"],
-                   "dim": int(emb.shape[1]), "samples": len(samples),
-                   "feature": "final-norm CLS token, all tokens of each sample"}, f, indent=1)
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
+    with atomic.atomic_folder(out) as tmp:  # the whole folder or nothing
+        np.save(os.path.join(tmp, "embeddings.npy"), emb)
+        with open(os.path.join(tmp, "index.csv"), "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "sample_id", "patient_id", "split"])
+            for i, m in enumerate(metas):
+                w.writerow([i, m.get("sample_id"), m.get("patient_id"), m.get("split")])
+        with open(os.path.join(tmp, "embed.json"), "w", encoding="utf-8") as f:
+            json.dump({"checkpoint_step": p.step, "variant": p.info["architecture"]["variant"],
+                       "dim": int(emb.shape[1]), "samples": len(samples),
+                       "feature": "final-norm CLS token, all tokens of each sample"}, f, indent=1)
     return len(samples)
