@@ -36,8 +36,11 @@ class MetricWriter:
     """Console + TensorBoard (tensorboardX) + metrics.jsonl + loss_curve.png."""
 
     def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True,
-                 unit: str = "images"):
-        """unit: what a batch holds (images, samples): throughput is logged as `<unit>_per_s`."""
+                 unit: str = "images", start_step: int = 0):
+        """unit: what a batch holds (images, samples): throughput is logged as `<unit>_per_s`.
+        start_step: the step the run starts (resumes) from; history lines of later steps, left
+        by a run killed after its last checkpoint, are dropped, so a resumed run continues
+        every series (losses and evaluations) without repeats."""
         self.workdir = workdir
         self.rate_key = f"{unit}_per_s"
         self.rate_label = {"images": "img/s"}.get(unit, f"{unit}/s")
@@ -51,10 +54,15 @@ class MetricWriter:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
             self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+            kept = [json.dumps(h) for h in read_history(workdir) if h["step"] <= start_step]
             if _is_url(workdir):  # no append on object stores: keep the lines, rewrite them
-                self._lines = [json.dumps(h) for h in read_history(workdir)]
+                self._lines = kept
                 self._jsonl = None
             else:
+                if os.path.exists(self._jsonl_path):
+                    with open(self._jsonl_path + ".tmp", "w", encoding="utf-8") as f:
+                        f.write("".join(line + "\n" for line in kept))
+                    os.replace(self._jsonl_path + ".tmp", self._jsonl_path)
                 self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
 
     def start_clock(self, step: int) -> None:
@@ -75,15 +83,32 @@ class MetricWriter:
         for k, v in out.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
-        line = json.dumps({"step": step, **out})
+        self._append(json.dumps({"step": step, **out}))
+        print(self.console_line(step, out), flush=True)
+        return out
+
+    def write_eval(self, step: int, scalars: Mapping[str, float]) -> dict:
+        """Log evaluator results (`cfm.evals`, "<name>/<metric>") at `step`: TensorBoard, a
+        metrics.jsonl line of their own and an "eval" console line; no throughput."""
+        out = {k: float(v) for k, v in scalars.items()}
+        if not self.enabled or not out:
+            return out
+        for k, v in out.items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+        self._append(json.dumps({"step": step, **out}))
+        width = len(str(self.total_steps))
+        print(" | ".join([f"eval {step:>{width}}/{self.total_steps}"]
+                         + [f"{k} {v:.4g}" for k, v in out.items()]), flush=True)
+        return out
+
+    def _append(self, line: str) -> None:
         if self._jsonl is None:
             self._lines.append(line)
             epath.Path(self._jsonl_path).write_text("\n".join(self._lines) + "\n")
         else:
             self._jsonl.write(line + "\n")
             self._jsonl.flush()
-        print(self.console_line(step, out), flush=True)
-        return out
 
     def console_line(self, step: int, out: Mapping[str, float]) -> str:
         width = len(str(self.total_steps))
@@ -105,6 +130,10 @@ class MetricWriter:
             plot_loss_curve(self.workdir)
 
 
+# evaluator metrics (cfm.evals) drawn in loss_curve.png's second panel
+EVAL_PANEL_SUFFIXES = ("/top1", "/pearson", "/knn_pearson")
+
+
 def read_history(workdir: str) -> list[dict]:
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
@@ -119,9 +148,11 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
     if not history:
         return None
     # Drawn by the Agg backend directly, with no pyplot figure to close or global backend to set.
-    fig = Figure(figsize=(7, 4), dpi=110)
+    evals = sorted({k for h in history for k in h if k.endswith(EVAL_PANEL_SUFFIXES)})
+    fig = Figure(figsize=(7, 6.5 if evals else 4), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    axes = fig.subplots(2 if evals else 1, 1, squeeze=False)[:, 0]
+    ax = axes[0]
     for key in keys:
         pts = [(h["step"], h[key]) for h in history if key in h]
         if pts:
@@ -132,6 +163,16 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
     ax.set_title(f"training losses — {os.path.basename(str(workdir).rstrip('/'))}")
     ax.grid(alpha=0.3)
     ax.legend()
+    if evals:  # the evaluators of config.evals (cfm.evals): accuracy and Pearson, 0..1
+        ax = axes[1]
+        for key in evals:
+            xs, ys = np.asarray([(h["step"], h[key]) for h in history if key in h]).T
+            ax.plot(xs, ys, marker="o", ms=3, label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out score")
+        ax.set_title("evaluations (config.evals)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, "loss_curve.png")
     buf = io.BytesIO()

@@ -26,6 +26,10 @@ def add_run_keys(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # (benchmarks/scaling.py).
     c.sharding.min_shard_size = 2 ** 10
 
+    # Evaluators run every N steps and at the end (cfm.evals: knn, linear, health, mgm), each
+    # built with cfm.evals.entry(type, ...); none by default.
+    c.evals = ml_collections.ConfigDict()
+
     c.log_every = 10
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3  # the last K checkpoints are kept ...

@@ -30,6 +30,7 @@ from etils import epath
 from cfm import (checkpoint, config_check, config_loader, errors, init_from, metrics,
                  schedules, setup)
 from cfm.data import sources
+from cfm.evals import build as evals_build
 from cfm.parallel import distributed
 
 
@@ -44,6 +45,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     s = setup.setup(config)  # ConfigError for a config (or omics data) that cannot work
     config, mesh = s.config, s.mesh  # the objective's prepared config is the one checkpointed
     init_from.check_path(config, workdir)  # a new run's config.init_from: missing -> error now
+    evaluators = evals_build.build_evaluators(config, s)  # config.evals: data read and checked
     total_steps = config.total_steps if config.total_steps > 0 else schedules.schedule_steps(
         config)
     is_main = jax.process_index() == 0
@@ -95,7 +97,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- loop ------------------------------------------------------------------------------
     writer = metrics.MetricWriter(workdir, total_steps, config.batch_size, enabled=is_main,
-                                  unit=s.objective.unit)
+                                  unit=s.objective.unit, start_step=start)
+    if evaluators and start == 0:  # the series starts at the initial weights
+        _evaluate(writer, evaluators, state, 0, every_one=True)
     # SIGTERM, SIGINT or a preemption notice from here on: finish the step, save, exit 0 (before
     # the loop, main's preemption.stop_on_signals stops at once: nothing new to save)
     watcher = preemption.PreemptionWatcher(multi_process=jax.process_count() > 1)
@@ -112,6 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last = writer.write(done, jax.device_get(out))
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss is {last['loss']} at step {done}")
+            if any(e.due(done, done == total_steps) for e in evaluators):  # before the save
+                _evaluate(writer, evaluators, state, done, every_one=done == total_steps)
             stop = watcher.should_stop(done, ckpt)
             if done % config.checkpoint_every == 0 or done == total_steps or stop:
                 checkpoint.save(ckpt, done, state, config, force=done == total_steps or stop)
@@ -129,6 +135,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main and not stop:
             print(f"cfm.train: done at step {total_steps}; workdir {workdir}", flush=True)
     return last
+
+
+def _evaluate(writer: metrics.MetricWriter, evaluators: list, state: setup.TrainState,
+              step: int, every_one: bool) -> None:
+    """Run the evaluators due after `step` (all with `every_one`) on every process (their
+    forward is sharded like the step); process 0's writer logs them and any collapse warning.
+    The clock restarts after them, so throughput counts training only."""
+    values, warnings = evals_build.run_due(evaluators, state, step, final=every_one)
+    writer.write_eval(step, values)
+    if jax.process_index() == 0:
+        for line in warnings:
+            print(f"cfm.train: warning at step {step}: {line}", flush=True)
+    writer.start_clock(step)
 
 
 def _main(argv: list[str]) -> None:

@@ -4,7 +4,8 @@ Presets (the `:<arg>` after the file name):
 
   demo      tiny ViT on tiles cut from scikit-image's real IHC image; the README's first command.
               pip install -e ".[demo]"
-              python -m data_prep.demo_tiles --out /tmp/cfm_demo/tiles
+              python -m data_prep.demo_tiles --out /tmp/cfm_demo/tiles \
+                  --probe-out /tmp/cfm_demo/probe
               python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run
             About 3 minutes on 2 CPU cores (65 img/s). The total loss falls from ~11.3 to ~10.3
             within 100 steps (iBOT 3.6 -> 3.4, KoLeo 3.1 -> ~0); at this scale (one image's
@@ -33,7 +34,7 @@ Override any key on the command line, e.g. `--config.batch_size=64 --config.mode
 
 import ml_collections
 
-from cfm import run_config
+from cfm import evals, run_config
 
 # Mean and std of ImageNet RGB in [0, 1]; DINOv2, UNI and Phikon-v2 all normalise with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,7 +145,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
     c.data.prefetch = 2
 
-    return run_config.add_run_keys(c)
+    c = run_config.add_run_keys(c)
+    # Evaluators (cfm.evals): kNN and linear probe on a labelled tile set, switched on per run
+    # (--config.evals.knn.every=1000 --config.evals.knn.path=/data/crc/train ...); collapse
+    # monitors on a fixed training batch.
+    c.evals = ml_collections.ConfigDict({
+        "knn": evals.entry("knn", every=0, source="folder", path=""),
+        "linear": evals.entry("linear", every=0, source="folder", path=""),
+        "health": evals.entry("health", every=1000)})
+    return c
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -201,7 +210,14 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         if arg == "demo":
             c.data.source = "folder"
             c.data.path = "/tmp/cfm_demo/tiles"
+            # the labelled H&E-like tiles of `data_prep.demo_tiles --probe-out`, half held out
+            for name in ("knn", "linear"):
+                c.evals[name].every = 50
+                c.evals[name].path = "/tmp/cfm_demo/probe"
+                c.evals[name].test_fraction = 0.5
+            c.evals.health.every = 50
         else:
+            c.evals.health.every = 0  # the tests switch evaluators on where they test them
             c.data.synthetic_size = 64
             c.data.synthetic_image_size = 48
     else:

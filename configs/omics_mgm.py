@@ -33,7 +33,7 @@ Override any key on the command line, e.g. `--config.mgm.mask_ratio=0.3`.
 
 import ml_collections
 
-from cfm import run_config
+from cfm import evals, run_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -99,7 +99,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.patch_embed_lr_mult = 1.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
-    return run_config.add_run_keys(c)
+    c = run_config.add_run_keys(c)
+    # Evaluators (cfm.evals): held-out masked-value Pearson against kNN imputation (the measure
+    # of benchmarks/omics_eval.py) and collapse monitors; presets set how often.
+    c.evals = ml_collections.ConfigDict({"mgm": evals.entry("mgm", every=0),
+                                         "health": evals.entry("health", every=0)})
+    return c
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -126,6 +131,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.optim.base_lr = 1e-3
         c.log_every = 20
         c.checkpoint_every = 100
+        c.evals.mgm.every = c.evals.health.every = 100
     elif arg == "tcga":
         c.model.variant = "omics_tiny"
         c.data.source = "prepared"
@@ -138,6 +144,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.optim.base_lr = 3e-3
         c.log_every = 50
         c.checkpoint_every = 200
+        c.evals.mgm.every = c.evals.health.every = 300
     elif arg == "base":
         c.model.variant = "omics_base"
         c.data.source = "prepared"
@@ -147,6 +154,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.epochs = 100
         c.log_every = 100
         c.checkpoint_every = 1000
+        c.evals.mgm.every = c.evals.health.every = 5000
     else:
         raise ValueError(f"unknown preset {arg!r}: use test, demo, tcga or base")
     return c

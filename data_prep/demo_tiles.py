@@ -1,11 +1,18 @@
-"""Cut scikit-image's bundled real IHC image into overlapping PNG tiles for the README demo.
+"""Cut scikit-image's bundled real IHC image into overlapping PNG tiles for the README demo,
+and (with --probe-out) write a labelled held-out tile set that the demo's evaluators probe.
 
     python -m data_prep.demo_tiles --out /tmp/cfm_demo/tiles [--tile 128] [--stride 32]
+        [--probe-out /tmp/cfm_demo/probe] [--probe-per-class 48]
 
 `skimage.data.immunohistochemistry()` is a 512 x 512 RGB micrograph of immunohistochemical
 (DAB + haematoxylin) stained human colon tissue that ships inside scikit-image, so the demo needs
 no download. With the defaults it yields 13 x 13 = 169 tiles of 128 pixels. Tiles are written to
 a temporary sibling folder that is renamed into place at the end, so DIR is never half-written.
+
+The probe set (`--probe-out`) is a folder of class subfolders (tumour, stroma, immune,
+background) of 64-px H&E-like tiles drawn by `data_prep.synthetic_tme.draw_tile`, each tile with
+its own stain: the labelled tiles on which `cfm.train`'s kNN and linear-probe evaluators
+(`config.evals`, `cfm.evals`) measure whether the representation improves while it trains.
 """
 
 import os
@@ -13,9 +20,11 @@ import shutil
 import sys
 import tempfile
 
+import numpy as np
 from PIL import Image
 
-from cfm import cli_help
+from cfm import atomic, cli_help
+from data_prep.synthetic_tme import CLASSES, draw_tile, stain
 
 
 def _load_image():
@@ -37,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=128, help="tile side in pixels")
     parser.add_argument("--stride", type=int, default=32, help="step between tiles in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--probe-out", default="",
+                        help="also write the labelled probe set here (default: none)")
+    parser.add_argument("--probe-per-class", type=int, default=48,
+                        help="probe tiles of each class")
     args = parser.parse_args(argv)
+    if args.probe_out and (args.probe_per_class < 2 or os.path.isfile(args.probe_out)):
+        print("demo_tiles: need --probe-per-class >= 2 and a folder for --probe-out",
+              file=sys.stderr)
+        return 2
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -80,7 +97,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"demo_tiles: wrote {count} tiles of {args.tile} px (stride {args.stride}) to {out}")
+    if args.probe_out:
+        write_probe_set(args.probe_out, args.probe_per_class)
+        print(f"demo_tiles: wrote {args.probe_per_class} labelled tiles of each of "
+              f"{', '.join(CLASSES)} to {os.path.abspath(args.probe_out)}")
     return 0
+
+
+def write_probe_set(out: str, per_class: int, size: int = 64, mpp: float = 1.0,
+                    seed: int = 0) -> None:
+    """`per_class` labelled H&E-like tiles of each class in `out/<class>/NNN.png` (replacing
+    `out` whole); tile i of a class has its own seeded stain, so the classes must be told apart
+    across stains, as across patients."""
+    with atomic.atomic_folder(out) as tmp:
+        for c, label in enumerate(CLASSES):
+            os.makedirs(os.path.join(tmp, label))
+            for i in range(per_class):
+                rng = np.random.default_rng([seed, c, i])
+                rgb, _ = draw_tile(label, size, mpp, rng, od_scale=stain(rng))
+                Image.fromarray(rgb, "RGB").save(os.path.join(tmp, label, f"{i:03d}.png"))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ CASES = [
     _data("shards_of_omics_folder", "shards", "{tmp}/omics", "prepare_omics folder"),
     _data("prepared_is_tile_shards", "prepared", "{tmp}/tiles", "not a prepared omics folder",
           MGM),
+    # ---- evaluators (config.evals) ------------------------------------------------------------
+    _train("eval_data_missing", ["--config.evals.knn.every=5",
+                                 "--config.evals.knn.path={tmp}/no_probe"],
+           "config.evals.knn.path="),
     # ---- init_from ----------------------------------------------------------------------------
     _train("init_from_missing", ["--config.init_from={tmp}/nothing"], "nothing does not exist"),
     _train("init_from_step_missing", [f"--config.init_from={CHECKPOINT_RUN}",

@@ -53,7 +53,8 @@ PRESETS = {
     "configs/dino_vit.py:demo": ("configs/dino_vit.py:test", ["--config.data.source=folder"]),
     "configs/omics_mgm.py:demo": ("configs/omics_mgm.py:test", []),
     "configs/omics_mgm.py:tcga": ("configs/omics_mgm.py:tcga", [
-        "--config.model.variant=omics_test", "--config.batch_size=8"]),
+        "--config.model.variant=omics_test", "--config.batch_size=8",
+        "--config.evals.mgm.every=0", "--config.evals.health.every=0"]),
     "configs/finetune/domain_adapt.py:uni": ("configs/finetune/domain_adapt.py:test", []),
     "configs/finetune/icb_response.py:loco": ("configs/finetune/icb_response.py:test", []),
     "configs/finetune/tcga_survival.py:blca": ("configs/finetune/tcga_survival.py:test", []),
@@ -212,6 +213,7 @@ def test_rewrite_table():
     assert rewrite(cmd, tmp, shared) == [
         "-m", "cfm.train", "--config", "configs/dino_vit.py:test", "--workdir",
         "/x/cfm_demo/run", "--config.data.path=/x/cfm_demo/tiles",
+        "--config.evals.knn.path=/x/cfm_demo/probe", "--config.evals.linear.path=/x/cfm_demo/probe",
         "--config.data.source=folder", "--config.total_steps=2"]
     cmd = {"text": "python -m launch.tpu run --name n --zone z --topology v5p:2x2x4 -- python "
                    "-m cfm.train --config configs/dino_vit.py:vit_l16 --workdir gs://B/r",
