@@ -20,19 +20,14 @@ run of README command (a), the tiles of docs/slides.md, ...). The rewrite table 
 - launchers -> `--dry-run` (prints every command, runs none);
 - benchmarks and data generators -> the smallest sizes (EXTRA_ARGS, appended: the last value of
   a flag wins).
-`python -m` modules run in this process (`runpy`, as `python -m` runs them; one JAX start-up for
-all; their final `os._exit(status)` becomes that exit status); `cfm.aot` (it sets XLA flags
-before JAX starts) and benchmark scripts run as subprocesses.
+Every command runs in a fresh process, as a user runs it (the test session's JAX compilation
+cache is shared, so programs compiled by earlier tests are not compiled again).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import pathlib
 import re
-import runpy
 import shlex
 import subprocess
 import sys
@@ -46,7 +41,6 @@ PAGES = ["README.md", "docs/slides.md", "docs/pretraining.md", "docs/checkpoints
 NEEDS = {"tpu", "gpu", "slurm", "libtpu"}
 SETUP_MODULES = {"venv", "pytest", "pip"}  # the install and CI's command (b)
 LAUNCHERS = {"launch.tpu", "launch.slurm", "launch.local"}
-SUBPROCESS = {"cfm.aot"}  # sets XLA flags before JAX starts: needs a fresh process
 
 # documented preset -> (test preset, extra overrides)
 PRESETS = {
@@ -159,30 +153,12 @@ def rewrite(cmd: dict, tmp: pathlib.Path, shared: pathlib.Path) -> list[str]:
 
 
 def _run(argv: list[str], target: str) -> tuple[int, str]:
-    """(exit status, output tail) of `python ARGV`: in this process for `python -m`, else a
-    subprocess."""
-    if target.endswith(".py") or target in SUBPROCESS:
-        p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600)
-        return p.returncode, (p.stdout + p.stderr)[-3000:]
-    buf, saved, os_exit = io.StringIO(), sys.argv, os._exit
-    sys.argv = [target, *argv[2:]]
-    code = 0
-
-    def _exit(status: int):  # the CLIs leave with os._exit (cfm.preemption.exit_now)
-        raise SystemExit(status)
-
-    os._exit = _exit
-    try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception as e:  # a traceback is a failure of the documented command
-        code = f"{type(e).__name__}: {e}"
-    finally:
-        sys.argv, os._exit = saved, os_exit
-    return code, buf.getvalue()[-3000:]
+    """(exit status, output tail) of `python ARGV`, as a user runs it: a fresh process (the
+    commands install signal handlers, leave with os._exit and start worker threads, none of
+    which may touch the test process); JAX's compilation cache of the test session is shared."""
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    return p.returncode, (p.stdout + p.stderr)[-3000:]
 
 
 def test_every_command_is_run_or_marked():
