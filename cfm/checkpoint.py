@@ -170,12 +170,16 @@ def reason(err: BaseException, step_dir: str | None = None) -> str:
         missing = [f for f in need if not os.path.exists(os.path.join(step_dir, f))]
         if missing:
             return f"{' and '.join(missing)} missing"
-    inner = err
-    while (inner.__cause__ or inner.__context__) is not None:
-        inner = inner.__cause__ or inner.__context__
-    text = re.split(r"See full TensorStore details| \[tensorstore_spec=", str(inner))[0]
-    text = re.sub(r"<[^<>]*\bat 0x[0-9a-f]+>|<bound method [^>]*>?", "...", text)
-    line = next((x.strip() for x in text.splitlines() if x.strip()), type(inner).__name__)
+    chain = [err]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    line = type(err).__name__
+    for inner in chain:  # the innermost error that says something (not a bare "0" or key)
+        text = re.split(r"See full TensorStore details| \[tensorstore_spec=", str(inner))[0]
+        text = re.sub(r"<[^<>]*\bat 0x[0-9a-f]+>|<bound method [^>]*>?", "...", text)
+        first = next((x.strip() for x in text.splitlines() if x.strip()), "")
+        if len(first) >= 12:
+            line = first
     return line if len(line) <= 240 else line[:237] + "..."
 
 

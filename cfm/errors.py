@@ -16,6 +16,7 @@ module imports only the standard library, so `cfm.aot` can use it before JAX is 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -37,8 +38,11 @@ def one_line(error: BaseException) -> str:
 
 
 def user_error(prog: str, message: str) -> int:
-    """Print `prog: message` (on one line) to stderr; the exit status of a user error."""
+    """Print `prog: message` (on one line) to stderr; the exit status of a user error. The
+    command is ending: library log records after this line (orbax reports reads it abandoned
+    from its own threads) are dropped, so the line stays the last word."""
     print(f"{prog}: {one_line(UserError(message))}", file=sys.stderr, flush=True)
+    logging.disable(logging.CRITICAL)
     return USER_ERROR
 
 

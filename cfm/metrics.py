@@ -36,11 +36,11 @@ class MetricWriter:
     """Console + TensorBoard (tensorboardX) + metrics.jsonl + loss_curve.png."""
 
     def __init__(self, workdir: str, total_steps: int, batch_size: int, enabled: bool = True,
-                 unit: str = "images", start_step: int = 0):
+                 unit: str = "images", start_step: int | None = None):
         """unit: what a batch holds (images, samples): throughput is logged as `<unit>_per_s`.
-        start_step: the step the run starts (resumes) from; history lines of later steps, left
-        by a run killed after its last checkpoint, are dropped, so a resumed run continues
-        every series (losses and evaluations) without repeats."""
+        start_step: the step the run starts (resumes) from, if known; history lines of later
+        steps, left by a run killed after its last checkpoint, are dropped, so a resumed run
+        continues every series (losses and evaluations) without repeats. None keeps them all."""
         self.workdir = workdir
         self.rate_key = f"{unit}_per_s"
         self.rate_label = {"images": "img/s"}.get(unit, f"{unit}/s")
@@ -54,7 +54,8 @@ class MetricWriter:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
             self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
-            kept = [json.dumps(h) for h in read_history(workdir) if h["step"] <= start_step]
+            kept = [json.dumps(h) for h in read_history(workdir)
+                    if start_step is None or h["step"] <= start_step]
             if _is_url(workdir):  # no append on object stores: keep the lines, rewrite them
                 self._lines = kept
                 self._jsonl = None
