@@ -82,7 +82,8 @@ def health_outputs(setup: Any, batch_size: int) -> Callable[[Any, dict], dict[st
             return models.backbone.apply({"params": params}, *(batch[k] for k in mgm.INPUT_KEYS),
                                          train=False)["cls"]
 
-    teacher_released = setup.objective.export_tree == "teacher"
+    released_tree = setup.objective.export_tree  # "teacher" (DINOv2) or "params"
+    teacher_released = released_tree == "teacher"
 
     def fn(params, batch):
         cls = cls_of(params["released"]["backbone"], batch)
