@@ -12,8 +12,25 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from typing import Iterator
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block ends (a signal between moving the old folder
+    aside and renaming the new one in would leave the destination missing); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def fsync_dir(path: str) -> None:
@@ -56,18 +73,19 @@ def atomic_folder(dest: str) -> Iterator[str]:
         umask_modes(tmp)
         fsync_dir(tmp)
         old = None
-        if os.path.isdir(dest) and not os.path.islink(dest) and not os.listdir(dest):
-            os.rmdir(dest)
-        elif os.path.lexists(dest):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            os.replace(dest, os.path.join(old, "x"))
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            if old is not None:  # put the old folder back
-                os.replace(os.path.join(old, "x"), dest)
-                shutil.rmtree(old, ignore_errors=True)
-            raise
+        with _signals_held():  # the swap: old folder aside, new one in, as one step
+            if os.path.isdir(dest) and not os.path.islink(dest) and not os.listdir(dest):
+                os.rmdir(dest)
+            elif os.path.lexists(dest):
+                old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+                os.replace(dest, os.path.join(old, "x"))
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                if old is not None:  # put the old folder back
+                    os.replace(os.path.join(old, "x"), dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                raise
         fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
