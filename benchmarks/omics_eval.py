@@ -33,6 +33,7 @@ import numpy as np
 
 from cfm import cli_help, compat
 from cfm.data.omics_records import MODALITIES
+from cfm.evals.omics import pearson_per_gene
 from cfm.omics_embed import read_samples
 
 EXPR, MUT, CNV = range(3)
@@ -85,16 +86,11 @@ def _matrix(samples, columns: dict) -> np.ndarray:
     return x
 
 
-def _pearson_per_gene(truth: dict, pred: dict, min_n: int = 5) -> float:
-    rs = []
-    for g, t in truth.items():
-        if len(t) < min_n:
-            continue
-        t, p = np.asarray(t), np.asarray(pred[g])
-        if np.std(t) == 0:
-            continue
-        rs.append(0.0 if np.std(p) == 0 else float(np.corrcoef(t, p)[0, 1]))
-    return float(np.mean(rs)) if rs else float("nan")
+def _pearson_per_gene(truth: dict, pred: dict) -> float:
+    """`cfm.evals.omics.pearson_per_gene` (the evaluator's measure) of {gene: values} dicts."""
+    genes = [g for g, t in truth.items() for _ in t]
+    flat = lambda d: np.asarray([v for g in truth for v in d[g]], np.float64)  # noqa: E731
+    return pearson_per_gene(np.asarray(genes), flat(truth), flat(pred))
 
 
 def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float = 0.3,

@@ -16,9 +16,7 @@ its own stain: the labelled tiles on which `cfm.train`'s kNN and linear-probe ev
 """
 
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -74,28 +72,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.tile}, {args.stride}", file=sys.stderr)
         return 2
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); tiles are meant to be shared
-        count = 0
+    count = 0
+    with atomic.atomic_folder(out) as tmp:  # the old tiles (--overwrite) stay until this is in
         for top in range(0, height - args.tile + 1, args.stride):
             for left in range(0, width - args.tile + 1, args.stride):
                 tile = image[top:top + args.tile, left:left + args.tile]
                 name = f"ihc_y{top:04d}_x{left:04d}.png"
                 Image.fromarray(tile, "RGB").save(os.path.join(tmp, name))
                 count += 1
-        if os.path.isdir(out):  # empty, or --overwrite: move the old one aside, then delete it
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "tiles"))
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"demo_tiles: wrote {count} tiles of {args.tile} px (stride {args.stride}) to {out}")
     if args.probe_out:
         write_probe_set(args.probe_out, args.probe_per_class)
