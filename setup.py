@@ -27,6 +27,7 @@ setup(
         "pandas>=2.0",  # omics tables and clinical data (data_prep.prepare_omics, cfm.finetune)
         "scikit-learn>=1.4",  # baselines, probes and metrics of cfm.finetune (and KNNImputer)
         "lifelines>=0.28",  # Cox baselines, Kaplan-Meier and log-rank in cfm.finetune reports
+        "scikit-activeml>=1.0",  # cfm.active's selection strategies (uncertainty, coreset, CLUE)
     ],
     extras_require={
         # openslide-bin ships the OpenSlide C library as a wheel: no system package needed.
@@ -34,9 +35,13 @@ setup(
                    "scipy>=1.11"],
         # Parquet and AnnData (.h5ad) inputs of data_prep.prepare_omics.
         "omics": ["pyarrow>=14", "anndata>=0.10"],
+        # Flower (cfm.federated): ServerApp / ClientApp, SuperLink / SuperNode, DP clipping
+        # mod and RDP accountant ([dp] = Google's dp-accounting); minor version pinned, the API
+        # moves quickly.
+        "federated": ["flwr[dp]>=1.42,<1.43"],
         "test": ["pytest>=8.0", "scikit-image>=0.24", "openslide-python>=1.4",
                  "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11", "pyarrow>=14",
-                 "anndata>=0.10"],
+                 "anndata>=0.10", "flwr[dp]>=1.42,<1.43"],
         # scikit-image ships the real IHC image the README demo trains on; tensorboard serves
         # the curves of the README's `tensorboard --logdir` command.
         "demo": ["scikit-image>=0.24", "tensorboard>=2.16"],

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cfm.evals.base import Evaluator
@@ -48,12 +49,16 @@ def knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_t
     return {"top1": accuracy(y_test, pred), "balanced_accuracy": balanced_accuracy(y_test, pred)}
 
 
+def linear_probe(c: float = 1.0, max_iter: int = 1000) -> Pipeline:
+    """The (unfitted) linear probe: z-scoring with the training side's mean and std, then
+    multinomial logistic regression (L-BFGS, L2 penalty `c`); cfm.active refits it every round."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+
+
 def linear_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                   y_test: np.ndarray, c: float = 1.0, max_iter: int = 1000) -> dict[str, float]:
     """top1 and balanced accuracy of logistic regression on standardised features."""
-    scaler = StandardScaler().fit(x_train)
-    clf = LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(x_train), y_train)
-    pred = clf.predict(scaler.transform(x_test))
+    pred = linear_probe(c, max_iter).fit(x_train, y_train).predict(x_test)
     return {"top1": accuracy(y_test, pred), "balanced_accuracy": balanced_accuracy(y_test, pred)}
 
 
