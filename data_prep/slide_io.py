@@ -3,6 +3,7 @@ grids and reading thumbnails: the geometry half of `data_prep.tile_wsi`."""
 
 import math
 
+import numpy as np
 from PIL import Image
 
 # Slide formats looked for when --slides is a folder (list files may name anything).
@@ -31,6 +32,7 @@ class _OpenSlideReader:
         self.level_dimensions = list(self._slide.level_dimensions)
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         props = self._slide.properties
+        self.vendor = props.get("openslide.vendor")
         try:
             self.mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
         except (KeyError, ValueError):
@@ -38,16 +40,28 @@ class _OpenSlideReader:
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         """RGB region of `width` x `height` level pixels whose top-left is level-0 (x, y)."""
+        return _on_white(self._slide.read_region((x, y), level, (width, height)))
+
+    def read_rgb(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """`read` as a [height, width, 3] uint8 array (a view; one pass fewer when opaque)."""
         region = self._slide.read_region((x, y), level, (width, height))
-        alpha = region.getchannel("A")
-        if alpha.getextrema() == (255, 255):
-            return region.convert("RGB")
-        background = Image.new("RGB", region.size, (255, 255, 255))  # no-data areas are glass
-        background.paste(region.convert("RGB"), mask=alpha)
-        return background
+        rgba = np.asarray(region)
+        if rgba[..., 3].min(initial=255) == 255:
+            return rgba[..., :3]
+        return np.asarray(_on_white(region))
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _on_white(region: Image.Image) -> Image.Image:
+    """An RGBA region as RGB, transparent (no-data) areas composited onto white glass."""
+    alpha = region.getchannel("A")
+    if alpha.getextrema() == (255, 255):
+        return region.convert("RGB")
+    background = Image.new("RGB", region.size, (255, 255, 255))
+    background.paste(region.convert("RGB"), mask=alpha)
+    return background
 
 
 class _PilReader:
@@ -60,6 +74,7 @@ class _PilReader:
         self.level_dimensions = [self._image.size]
         self.level_downsamples = [1.0]
         self.mpp = None
+        self.vendor = None
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         """RGB crop (level is always 0); parts outside the image are white."""
@@ -69,6 +84,10 @@ class _PilReader:
         canvas = Image.new("RGB", (width, height), (255, 255, 255))
         canvas.paste(self._image.crop((x, y, x + width, y + height)), (0, 0))
         return canvas
+
+    def read_rgb(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """`read` as a [height, width, 3] uint8 array."""
+        return np.asarray(self.read(x, y, level, width, height))
 
     def close(self) -> None:
         self._image.close()
@@ -120,12 +139,15 @@ def tile_grid(width: int, height: int, footprint_x: float,
             for r in range(rows) for c in range(cols)]
 
 
-def read_thumbnail(reader, mpp: tuple[float, float]
+def read_thumbnail(reader, mpp: tuple[float, float], blocks=None
                    ) -> tuple[Image.Image, float, float, float]:
     """(RGB thumbnail, its um/px, level-0 px per thumbnail px in x and y).
 
     Read block by block from the coarsest level at least as fine as the thumbnail, so memory
-    stays bounded (about 64 MB per block) even for single-level gigapixel images.
+    stays bounded (about 64 MB per block) even for single-level gigapixel images. With `blocks`
+    (a data_prep.tile_blocks.BlockReader) the reads go through it, and when the thumbnail comes
+    from level 0 and that level has at most `blocks.keep_pixels` pixels, the level is kept in
+    `blocks.level0` for the tiles (so it is decoded once).
     """
     width, height = reader.level_dimensions[0]
     thumb_mpp = max(THUMB_MPP, mpp[0], mpp[1], max(width * mpp[0], height * mpp[1])
@@ -138,13 +160,27 @@ def read_thumbnail(reader, mpp: tuple[float, float]
     thumb_h = max(1, int(math.ceil(level_h / step_y - 1e-9)))
     thumb = Image.new("RGB", (thumb_w, thumb_h), (255, 255, 255))
     block = max(1, int(4096 / max(step_x, step_y)))
+    keep = blocks is not None and level == 0 and level_w * level_h <= blocks.keep_pixels
+    whole = block >= thumb_w and block >= thumb_h  # one read covers the level: keep it as is
+    level0 = np.full((level_h, level_w, 3), 255, np.uint8) if keep and not whole else None
     for ty in range(0, thumb_h, block):
         for tx in range(0, thumb_w, block):
             tx1, ty1 = min(tx + block, thumb_w), min(ty + block, thumb_h)
             lx0, ly0 = int(round(tx * step_x)), int(round(ty * step_y))
             lx1 = max(lx0 + 1, min(int(round(tx1 * step_x)), level_w))
             ly1 = max(ly0 + 1, min(int(round(ty1 * step_y)), level_h))
-            region = reader.read(int(round(lx0 * down)), int(round(ly0 * down)), level,
-                                 lx1 - lx0, ly1 - ly0)
+            where = (int(round(lx0 * down)), int(round(ly0 * down)), level, lx1 - lx0, ly1 - ly0)
+            if blocks is None:
+                region = reader.read(*where)
+            else:
+                pixels = blocks.read(*where, parallel=True)
+                if keep and whole:
+                    level0 = pixels[:level_h, :level_w]
+                elif level0 is not None:
+                    part = level0[ly0:ly1, lx0:lx1]
+                    part[...] = pixels[:part.shape[0], :part.shape[1]]
+                region = Image.fromarray(pixels)
             thumb.paste(region.resize((tx1 - tx, ty1 - ty), Image.BILINEAR), (tx, ty))
+    if level0 is not None:
+        blocks.level0 = level0
     return thumb, thumb_mpp, step_x * down, step_y * down

@@ -32,7 +32,9 @@ def write_qc(path: str, thumb: Image.Image, mask: TissueMask,
         colour = colours[mpps.index(target) % len(colours)]
         draw.rectangle((x * sx, y * sy, (x + fw) * sx - 1, (y + fh) * sy - 1), outline=colour)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # no text chunks: nothing but pixels
+    # No text chunks: nothing but pixels. zlib level 1: 5-10x faster than the default 6, ~15%
+    # larger file, same pixels.
+    image.save(buffer, format="PNG", compress_level=1)
     atomic_write(path, buffer.getvalue())
 
 

@@ -1,7 +1,7 @@
 """Tile whole-slide images into de-identified JPEG tiles in ArrayRecord shards.
 
     python -m data_prep.tile_wsi --slides DIR|LISTFILE --out DIR --mpp 0.5 [--mpp 1.0 ...]
-        [--tile-size 224] [--workers N] [--default-mpp X] [--min-tissue 0.5]
+        [--tile-size 224] [--workers N] [--threads N] [--default-mpp X] [--min-tissue 0.5]
         [--jpeg-quality 90] [--tiles-per-shard 10000] [--num-shards N --shard-index I]
         [--salt S] [--cohort NAME] [--tissue-preset default]
 
@@ -11,7 +11,9 @@ Each slide is tiled on a non-overlapping grid at every --mpp: a tile covers
 tile_size * mpp / slide_mpp level-0 pixels, is read from the coarsest pyramid level that is still
 at least as fine as the target, and is resized to tile_size x tile_size with PIL. Tiles are kept
 when the thumbnail tissue mask (data_prep.tissue) covers >= --min-tissue of them and they are not
-background, blurred or pen-marked (constants below).
+background, blurred or pen-marked (constants in data_prep.tile_blocks). Tiles are read in blocks
+and filtered and encoded on --threads threads per slide (data_prep.tile_blocks); the output is
+the same for any thread count.
 
 Output in --out (or in --out/part-IIIII-of-NNNNN with --num-shards N > 1, so array jobs never
 collide):
@@ -40,7 +42,6 @@ done, 1 some slide failed (see failures.csv), 2 bad usage.
 import argparse
 import concurrent.futures
 import dataclasses
-import io
 import json
 import multiprocessing
 import os
@@ -48,9 +49,7 @@ import secrets
 import sys
 import time
 
-import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
-from PIL import Image
 
 from cfm import cli_help, preemption
 from cfm.atomic import fsync_dir
@@ -61,49 +60,21 @@ from data_prep.shard_io import (_csv_bytes, _file_sha256, _fsync_file, _read_csv
                                 atomic_write, pack_shards, salted_id)
 from data_prep.slide_io import (OPENSLIDE_SUFFIXES, PIL_SUFFIXES, SlideError, best_level,
                                 open_slide, read_thumbnail, tile_grid)
+from data_prep.tile_blocks import BlockReader, TileJob, cut_tiles, plan_blocks, tile_rejection
 from data_prep.tile_qc import format_eta, write_qc
 
 MANIFEST_FIELDS = shard_io.MANIFEST_FIELDS  # part of this module's interface (tests read it)
+__all__ = ["MANIFEST_FIELDS", "TileSettings", "best_level", "find_slides", "main", "tile_grid",
+           "tile_rejection", "tile_slide"]  # tile_rejection, best_level, tile_grid: re-exported
 
 # A target mpp finer than the slide's by more than this (relative) is skipped for that slide:
 # tiles would be upsampled blur (and a 352 um/px image would give millions of sub-pixel tiles).
 MAX_UPSAMPLE = 0.10
-# Tile filters, on the resized uint8 RGB tile.
-WHITE_LEVEL = 220  # a pixel with all of R, G, B above this is background
-MAX_WHITE_FRACTION = 0.75  # more background than this -> dropped
-BLUR_MIN_LAPLACIAN_VAR = 40.0
-# Blur: variance of the 4-neighbour Laplacian of grey levels (0-255). Sharp H&E tissue tiles of
-# CMU-1-Small-Region score 500-3800; a 3 px Gaussian blur brings them far below this.
-# Pen: strongly saturated green-to-blue pixels or black ones. On CMU-1-Small-Region, H&E tissue
-# tiles have at most ~5% such pixels (bluish haematoxylin); marker-covered tiles far more.
-PEN_MIN_SATURATION = 120  # PIL HSV scale 0-255
-PEN_HUE_RANGE = (40, 165)  # PIL hue 0-255 (~56-233 degrees): green through blue; eosin ~230-255
-BLACK_MAX_VALUE = 40  # HSV value below this is black ink (or a fold)
-MAX_PEN_FRACTION = 0.15  # more ink-coloured pixels than this -> dropped
 MAPPING_FIELDS = ("slide_id", "salt", "source_path", "size_bytes", "mtime_ns",
                   "content_sha256")
 # Settings that must match when a run is restarted on the same --out.
 CONFIG_KEYS = ("mpp", "tile_size", "min_tissue", "jpeg_quality", "tissue_preset", "cohort",
                "default_mpp")
-
-
-# ----------------------------------------------------------------------------- tile filters
-def tile_rejection(rgb: np.ndarray) -> str | None:
-    """Why a uint8 RGB tile is dropped ('background', 'blur', 'pen'), or None to keep it."""
-    darkest = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    if (darkest > WHITE_LEVEL).mean() > MAX_WHITE_FRACTION:
-        return "background"
-    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    laplacian = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:]
-                 - 4.0 * grey[1:-1, 1:-1])
-    if laplacian.var() < BLUR_MIN_LAPLACIAN_VAR:
-        return "blur"
-    hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    ink = (sat >= PEN_MIN_SATURATION) & (hue >= PEN_HUE_RANGE[0]) & (hue <= PEN_HUE_RANGE[1])
-    if (ink | (val < BLACK_MAX_VALUE)).mean() > MAX_PEN_FRACTION:
-        return "pen"
-    return None
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -120,6 +91,7 @@ class TileSettings:
     default_mpp: float | None
     salt: str
     out: str
+    threads: int = 1  # threads within one slide (data_prep.tile_blocks)
 
 
 def tile_slide(path: str, settings: TileSettings, known: tuple[str, str] | None = None) -> dict:
@@ -161,7 +133,7 @@ def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
     reader = open_slide(path)
     staging = os.path.join(settings.out, "staging", slide_id + ".array_record")
     tmp = f"{staging}.{os.getpid()}.tmp"
-    writer = None
+    writer = blocks = None
     try:
         mpp = reader.mpp
         if mpp is None:
@@ -169,8 +141,9 @@ def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
                 raise SlideError("no mpp: the slide has no microns-per-pixel (openslide.mpp-x); "
                                  "pass --default-mpp")
             mpp = (settings.default_mpp, settings.default_mpp)
+        blocks = BlockReader(reader, path, settings.threads)
         try:
-            thumb, thumb_mpp, scale_x, scale_y = read_thumbnail(reader, mpp)
+            thumb, thumb_mpp, scale_x, scale_y = read_thumbnail(reader, mpp, blocks)
         except Exception as err:  # noqa: BLE001
             raise SlideError(f"unreadable: {type(err).__name__}: {err}") from None
         mask = tissue.TissueMask(tissue.segment_tissue(thumb, thumb_mpp, settings.tissue_preset),
@@ -189,29 +162,29 @@ def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
             foot_y = settings.tile_size * target / mpp[1]
             level = best_level(reader.level_downsamples, max(mpp), target)
             down = reader.level_downsamples[level]
-            read_w = max(1, int(round(foot_x / down)))
-            read_h = max(1, int(round(foot_y / down)))
+            job = TileJob(level, max(1, int(round(foot_x / down))),
+                          max(1, int(round(foot_y / down))), settings.tile_size,
+                          settings.jpeg_quality)
+            tiles = []
             for x, y in tile_grid(width, height, foot_x, foot_y):
                 fraction = mask.fraction(x, y, foot_x, foot_y)
-                if fraction < settings.min_tissue or fraction == 0.0:
-                    continue
-                try:
-                    region = reader.read(x, y, level, read_w, read_h)
-                except Exception as err:  # noqa: BLE001
-                    raise SlideError(f"unreadable: {type(err).__name__}: {err}") from None
-                tile = region.resize((settings.tile_size, settings.tile_size), Image.BICUBIC)
-                why = tile_rejection(np.asarray(tile))
-                if why:
-                    rejected[why] = rejected.get(why, 0) + 1
-                    continue
-                buffer = io.BytesIO()
-                tile.save(buffer, format="JPEG", quality=settings.jpeg_quality)
-                meta = {"slide_id": slide_id, "x": x, "y": y, "level": level, "mpp": target,
-                        "tile_size": settings.tile_size,
-                        "tissue_fraction": round(fraction, 4), "cohort": settings.cohort}
-                writer.write(encode_tile(buffer.getvalue(), meta))
-                kept += 1
-                boxes.append((target, x, y, foot_x, foot_y))
+                if fraction >= settings.min_tissue and fraction > 0.0:
+                    tiles.append((x, y, fraction))
+            aligned = blocks.aligned(level, [t[0] for t in tiles], [t[1] for t in tiles])
+            plan = plan_blocks(tiles, foot_x, aligned)
+            try:
+                for x, y, fraction, jpeg, why in cut_tiles(blocks, job, plan):
+                    if why:
+                        rejected[why] = rejected.get(why, 0) + 1
+                        continue
+                    meta = {"slide_id": slide_id, "x": x, "y": y, "level": level, "mpp": target,
+                            "tile_size": settings.tile_size,
+                            "tissue_fraction": round(fraction, 4), "cohort": settings.cohort}
+                    writer.write(encode_tile(jpeg, meta))
+                    kept += 1
+                    boxes.append((target, x, y, foot_x, foot_y))
+            except Exception as err:  # noqa: BLE001
+                raise SlideError(f"unreadable: {type(err).__name__}: {err}") from None
         writer.close()
         writer = None
         if kept == 0:
@@ -230,6 +203,8 @@ def _tile_opened(path: str, slide_id: str, settings: TileSettings) -> int:
     finally:
         if writer is not None:
             writer.close()
+        if blocks is not None:
+            blocks.close()
         if os.path.exists(tmp):
             os.remove(tmp)
         reader.close()
@@ -270,6 +245,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="target microns per pixel; repeat for several magnifications")
     parser.add_argument("--tile-size", type=int, default=224, help="tile side in output pixels")
     parser.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads within each slide (reads, filters, JPEG encoding); 0: the "
+                             "available cores / --workers. For a few large slides on idle cores; "
+                             "on a busy machine one thread was faster")
     parser.add_argument("--default-mpp", type=float, default=None,
                         help="um/px for slides without it (plain images; default: none, such "
                              "a slide fails)")
@@ -300,8 +279,8 @@ def _usage_error(args) -> str | None:
         return "--min-tissue must be in [0, 1]"
     if not 1 <= args.jpeg_quality <= 95:
         return "--jpeg-quality must be in [1, 95]"
-    if args.workers < 1 or args.tiles_per_shard < 1:
-        return "--workers and --tiles-per-shard must be >= 1"
+    if args.workers < 1 or args.tiles_per_shard < 1 or args.threads < 0:
+        return "--workers and --tiles-per-shard must be >= 1, --threads >= 0"
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         return "need --num-shards >= 1 and 0 <= --shard-index < --num-shards"
     if not os.path.exists(args.slides):
@@ -365,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlideError as err:
         print(f"tile_wsi: {err}", file=sys.stderr)
         return 2
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.workers)
     settings = TileSettings(tuple(args.mpp), args.tile_size, args.min_tissue, args.jpeg_quality,
-                            args.tissue_preset, args.cohort, args.default_mpp, salt, out)
+                            args.tissue_preset, args.cohort, args.default_mpp, salt, out, threads)
     mapping_path = os.path.join(private, "slide_ids.csv")
     mapping = {(r["slide_id"], r["source_path"]): r for r in _read_csv(mapping_path)}
     known = {(r["source_path"], r["size_bytes"], r["mtime_ns"]): (r["slide_id"],
