@@ -1,0 +1,13 @@
+"""Federated fine-tuning across hospitals on Flower: sites keep their patients, only model
+updates travel.
+
+- `cfm.federated.sites`: a site's private data (one ICB cohort, one TCGA type, a CSV).
+- `cfm.federated.model`: the model, its jitted local step (FedProx term), ArrayRecord I/O.
+- `cfm.federated.client`: the site's Flower ClientApp (DP clipping through Flower's mod).
+- `cfm.federated.server`: the round loop (FedAvg / FedProx / FedAdam through optax, DP noise
+  and Flower's RDP accountant, orbax checkpoints and resume).
+- `cfm.federated.apps`: the ServerApp Flower's runtime loads (the ClientApp: `client.app`).
+- `cfm.federated.grid`: an in-process Grid (tests, benchmark).
+- `cfm.federated.deploy` and `python -m cfm.federated server|client|local`: real SuperLink /
+  SuperNode processes.
+"""

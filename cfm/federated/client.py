@@ -1,0 +1,85 @@
+"""The site's Flower ClientApp: local training on the site's private patients.
+
+A `train` message carries the global parameters (ArrayRecord) and the round's settings
+(ConfigRecord: round, the server's model keys, FedProx's mu, DP's clipping norm). The site
+checks the model keys against its own config (a difference is refused, naming the keys),
+runs cfm.federated.model.local_update on its patients and replies with the new parameters and
+two numbers: its number of patients (FedAvg's weight) and its last local loss. Nothing else
+leaves the site: no ids, no feature values, no predictions (tests/test_federated.py inspects
+every message). With DP on, Flower's `fixedclipping_mod` clips the update w_k - w to the
+server's norm before the reply leaves.
+
+Which site and config: the node config of the SuperNode (`cfm-config`, `cfm-overrides`,
+`site`; set by `python -m cfm.federated client`) or of the in-process grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import zlib
+
+import ml_collections
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from cfm import config_loader
+from cfm.federated import model as fmodel
+from cfm.federated.sites import FederatedError, SiteData, feature_names, site_data
+
+
+@functools.lru_cache(maxsize=8)
+def load_site(spec: str, overrides: str, site: str) -> tuple[ml_collections.ConfigDict,
+                                                               SiteData, str]:
+    """(config, the site's data, its model keys) of a node config; cached per process."""
+    config = config_loader.load_config(spec, shlex.split(overrides))
+    names = feature_names(config)
+    return config, site_data(config, site, names), fmodel.model_fingerprint(config, names)
+
+
+def _differences(mine: str, theirs: str) -> list[str]:
+    a, b = json.loads(mine), json.loads(theirs)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += [f"{k}.{x}" for x in sorted(set(a[k]) | set(b[k]))
+                    if a[k].get(x) != b[k].get(x)]
+        elif a.get(k) != b.get(k):
+            out.append(k)
+    return out
+
+
+def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `fixedclipping_mod` when the server asks for clipping (DP on), else a no-op."""
+    cfg = msg.content.config_records.get("config")
+    if cfg is not None and KEY_CLIPPING_NORM in cfg:
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+app = ClientApp(mods=[dp_clipping_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training (module docstring)."""
+    nc = context.node_config
+    config, site, mine = load_site(str(nc["cfm-config"]), str(nc.get("cfm-overrides", "")),
+                                   str(nc["site"]))
+    cfg = msg.content["config"]
+    if cfg["model"] != mine:
+        raise FederatedError(f"site {site.name!r}: its model config differs from the server's "
+                             f"({', '.join(_differences(mine, str(cfg['model'])))}); start "
+                             "the client with the server's config")
+    params = fmodel.from_record(msg.content["arrays"])
+    seed = (int(config.seed) * 100003 + int(cfg["server-round"]) * 101
+            + zlib.crc32(site.name.encode()) % 97)
+    new, loss = fmodel.local_update(config, params, site, float(cfg["mu"]), seed)
+    return Message(RecordDict({"arrays": fmodel.to_record(new),
+                               "metrics": MetricRecord({"num-examples": site.n,
+                                                        "train_loss": loss})}), reply_to=msg)
+
