@@ -99,6 +99,12 @@ def test_pearson_per_gene_equals_numpy():
                    + [0.0])
     assert omics.pearson_per_gene(genes, truth, pred) == pytest.approx(want)
     assert math.isnan(omics.pearson_per_gene(genes[:4], truth[:4], pred[:4]))  # < 5 per gene
+    # a constant float32 gene (np.std 1.5e-8, not 0) is skipped, not a nan in the mean
+    flat = np.full(7, 0.1, np.float32)
+    assert np.std(flat) != 0
+    g2 = np.concatenate([genes, np.full(7, genes.max() + 1)])
+    assert omics.pearson_per_gene(g2, np.concatenate([truth, flat]),
+                                  np.concatenate([pred, np.arange(7.0)])) == pytest.approx(want)
 
 
 # ------------------------------------------------------------------ tile sets over meshes ----

@@ -45,10 +45,13 @@ def pearson_per_gene(genes: np.ndarray, truth: np.ndarray, pred: np.ndarray,
     gene qualifies."""
     rs = []
     for g in np.unique(genes):
-        t, p = truth[genes == g], pred[genes == g]
-        if len(t) < min_n or np.std(t) == 0:
+        t = np.asarray(truth[genes == g], np.float64)
+        p = np.asarray(pred[genes == g], np.float64)
+        # "constant" by range, not std: float32 std of equal values is ~1e-8, not 0, and
+        # corrcoef then divides 0 by 0 (a gene at 0 in every held-out sample of TCGA did)
+        if len(t) < min_n or np.ptp(t) == 0:
             continue
-        rs.append(0.0 if np.std(p) == 0 else float(np.corrcoef(t, p)[0, 1]))
+        rs.append(0.0 if np.ptp(p) == 0 else float(np.corrcoef(t, p)[0, 1]))
     return float(np.mean(rs)) if rs else float("nan")
 
 
