@@ -159,6 +159,9 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
         if pts:
             xs, ys = np.asarray(pts).T
             ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1)
+    ln_k = [h["health/ln_k"] for h in history if "health/ln_k" in h]
+    if ln_k and any("dino" in h for h in history):  # DINO's uniform fixed point, for reference
+        ax.axhline(ln_k[-1], color="grey", ls="--", lw=1, label=f"ln K = {ln_k[-1]:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"training losses — {os.path.basename(str(workdir).rstrip('/'))}")

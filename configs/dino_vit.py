@@ -2,15 +2,16 @@
 
 Presets (the `:<arg>` after the file name):
 
-  demo      tiny ViT on tiles cut from scikit-image's real IHC image; the README's first command.
+  demo      tiny ViT on the tiles of scikit-image's real IHC image plus 1,024 synthetic
+            H&E-like tiles; the README's first command.
               pip install -e ".[demo]"
               python -m data_prep.demo_tiles --out /tmp/cfm_demo/tiles \
                   --probe-out /tmp/cfm_demo/probe
               python -m cfm.train --config configs/dino_vit.py:demo --workdir /tmp/cfm_demo/run
-            About 3 minutes on 2 CPU cores (65 img/s). The total loss falls from ~11.3 to ~10.3
-            within 100 steps (iBOT 3.6 -> 3.4, KoLeo 3.1 -> ~0); at this scale (one image's
-            tiles, 300 steps) the DINO term settles near ln(1024) = 6.93. The workdir ends with
-            checkpoints, TensorBoard events, metrics.jsonl and loss_curve.png.
+            About 3-4 minutes on 2 CPU cores (~55 img/s). Should reach: DINO term 7.4 at step 10
+            -> ~6.1 at step 300, at least 0.5 below ln(1024) = 6.93; kNN accuracy on the
+            held-out probe tiles 0.59 at step 0 -> ~0.84 (linear probe 0.84 -> ~0.93). The
+            workdir ends with checkpoints, TensorBoard events, metrics.jsonl and loss_curve.png.
   test      an even smaller model on synthetic images, used by the tests (seconds per step).
   vit_s16 / vit_b16 / vit_l16 / vit_g14
             DINOv2's published recipe (Oquab et al. 2023, arXiv:2304.07193; the defaults of
@@ -198,23 +199,39 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.batch_size = 32 if arg == "demo" else 8
         c.steps_per_epoch = 50 if arg == "demo" else 10
         c.epochs = 6 if arg == "demo" else 3
-        c.optim.base_lr = 5e-3
         c.optim.warmup_epochs = 1
         c.optim.layerwise_decay = 1.0
         c.ssl.warmup_teacher_temp_epochs = 2
-        c.ssl.momentum_teacher = 0.99
         c.augment.vflip = 0.5
         c.augment.rot90 = True
+        if arg == "demo":
+            # Tuned so that 300 steps leave DINO's uniform fixed point (README, issue 16): a
+            # higher lr (2e-2 * sqrt(32/1024) = 3.5e-3), DINO's teacher temperature 0.04
+            # throughout, a teacher that keeps following the student (0.98 -> 0.995), and
+            # milder views (larger crops, no solarisation) whose assignments a 0.5 M-parameter
+            # ViT can predict across views. With DINOv2's values the DINO term stays at ln K.
+            c.optim.base_lr = 2e-2
+            c.ssl.teacher_temp = 0.04
+            c.ssl.momentum_teacher = 0.98
+            c.ssl.final_momentum_teacher = 0.995
+            c.crops.global_scale = (0.5, 1.0)
+            c.crops.local_scale = (0.2, 0.5)
+            c.augment.solarize = 0.0
+            c.optim.weight_decay_end = 0.04  # DINOv2's 0.4 erodes the kNN gain late in the run
+        else:
+            c.optim.base_lr = 5e-3
+            c.ssl.momentum_teacher = 0.99
         c.log_every = 10 if arg == "demo" else 5
         c.checkpoint_every = 100 if arg == "demo" else 10
         if arg == "demo":
             c.data.source = "folder"
             c.data.path = "/tmp/cfm_demo/tiles"
-            # the labelled H&E-like tiles of `data_prep.demo_tiles --probe-out`, half held out
+            # the labelled H&E-like tiles of `data_prep.demo_tiles --probe-out`: ~13 of each
+            # class to fit on (few labels, where pretraining matters most), ~115 held out
             for name in ("knn", "linear"):
                 c.evals[name].every = 50
                 c.evals[name].path = "/tmp/cfm_demo/probe"
-                c.evals[name].test_fraction = 0.5
+                c.evals[name].test_fraction = 0.9
             c.evals.health.every = 50
         else:
             c.evals.health.every = 0  # the tests switch evaluators on where they test them

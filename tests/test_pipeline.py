@@ -197,13 +197,16 @@ def test_buffer_size_for_config():
 
 def test_demo_tiles_then_folder_pipeline(tmp_path, capsys):
     out = tmp_path / "tiles"
-    assert demo_tiles.main(["--out", str(out), "--tile", "64", "--stride", "128"]) == 0
-    assert "wrote 16 tiles" in capsys.readouterr().out
+    assert demo_tiles.main(["--out", str(out), "--tile", "64", "--stride", "128",
+                            "--synthetic", "8"]) == 0
+    assert "wrote 16 tiles of 64 px (stride 128) and 8 synthetic" in capsys.readouterr().out
     names = sorted(os.listdir(out))
-    assert len(names) == 16 and all(n.endswith(".png") for n in names)
+    assert len(names) == 24 and all(n.endswith(".png") for n in names)
+    assert sum(n.startswith("he_") for n in names) == 8
     assert sorted(os.listdir(tmp_path)) == ["tiles"]  # no temporary folders left behind
-    with Image.open(out / names[0]) as im:
-        assert im.size == (64, 64) and im.mode == "RGB"
+    for name in (names[0], names[-1]):
+        with Image.open(out / name) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
 
     c = _config()
     c.data.source, c.data.path = "folder", str(out)
@@ -215,11 +218,12 @@ def test_demo_tiles_refuses_non_empty_dir_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "tiles"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert demo_tiles.main(["--out", str(out), "--tile", "256", "--stride", "256"]) == 2
+    assert demo_tiles.main(["--out", str(out), "--tile", "256", "--stride", "256",
+                            "--synthetic", "0"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
     assert demo_tiles.main(["--out", str(out), "--tile", "256", "--stride", "256",
-                            "--overwrite"]) == 0
+                            "--synthetic", "0", "--overwrite"]) == 0
     assert len(os.listdir(out)) == 4 and "keep.txt" not in os.listdir(out)
     assert sorted(os.listdir(tmp_path)) == ["tiles"]
 
