@@ -166,7 +166,8 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
     ax.set_ylabel("loss")
     ax.set_title(f"training losses — {os.path.basename(str(workdir).rstrip('/'))}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # none before the first log step (a step-0 eval only)
+        ax.legend()
     if evals:  # the evaluators of config.evals (cfm.evals): accuracy and Pearson, 0..1
         ax = axes[1]
         for key in evals:

@@ -70,3 +70,15 @@ def test_loss_curve_has_an_evaluation_panel(tmp_path):
                                                     if "loss" in h))
     without = Image.open(metrics.plot_loss_curve(str(tmp_path))).size
     assert with_panel[1] > without[1]  # a second panel below the losses
+
+
+def test_loss_curve_of_a_run_stopped_before_its_first_log_step(tmp_path):
+    """Only the step-0 evaluation is in the history (a run stopped early): a PNG, no warning
+    about an empty legend."""
+    import warnings
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "knn/top1": 0.5}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = metrics.plot_loss_curve(str(tmp_path))
+    assert Image.open(path).size[1] > 0
