@@ -19,7 +19,6 @@ mean federated to the mean centralised metric.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -32,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cfm import config_loader  # noqa: E402
+from cfm import cli_help, config_loader  # noqa: E402
 from cfm.evaluate.metrics import c_index, roc_auc  # noqa: E402
 from cfm.federated import client, grid, model, server, sites  # noqa: E402
 from cfm.finetune.fusion_train import pad_bucket, pad_rows  # noqa: E402
@@ -147,7 +146,8 @@ def tcga(args, tmp: str) -> list[float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli_help.parser("benchmarks.federated", __doc__,
+                        "python -m benchmarks.federated --data ../shared/data --rounds 30")
     p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "..", "shared", "data"))
     p.add_argument("--rounds", type=int, default=30)

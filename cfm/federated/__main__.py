@@ -23,27 +23,26 @@ PROG = "cfm.federated"
 MODES = ("server", "client", "local")
 
 
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "server and local: checkpoints, history.jsonl, "
+                        "result.json", flag_values=fv)
+    flags.DEFINE_string("site", None, "client: this site's name (one of data.sites)",
+                        flag_values=fv)
+    flags.DEFINE_float("wait", 60.0, "client: seconds to wait for the server", flag_values=fv)
+
+
 def _main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[1] not in MODES:
-        if len(argv) >= 2 and argv[1] in ("-h", "--help"):
-            print(__doc__)
-            return 0
+    asks_help = config_loader.help_requested(argv)
+    if not asks_help and (len(argv) < 2 or argv[1] not in MODES):
         raise config_loader.CommandLineError(f"the first argument must be one of {MODES}; "
                                              "see --help")
-    mode, rest = argv[1], [argv[0]] + argv[2:]
-
-    def define(fv: flags.FlagValues) -> None:
-        flags.DEFINE_string("workdir", None, "server: checkpoints, history.jsonl, result.json",
-                            flag_values=fv)
-        flags.DEFINE_string("site", None, "client: this site's name (one of data.sites)",
-                            flag_values=fv)
-        flags.DEFINE_float("wait", 60.0, "client: seconds to wait for the server",
-                           flag_values=fv)
-
+    mode = argv[1] if len(argv) >= 2 and argv[1] in MODES else "local"
+    rest = [argv[0]] + argv[2:] if len(argv) >= 2 and argv[1] in MODES else list(argv)
     required = ("config", "site") if mode == "client" else ("config", "workdir")
     fv = config_loader.parse_command_line(
-        rest, define, "configs/federated.py:<preset>", doc=__doc__, required=required,
-        example=f"python -m {PROG} {mode} --config configs/federated.py:test ...")
+        rest, _define, "configs/federated.py:<preset>", doc=__doc__, required=required,
+        example=f"python -m {PROG} local --config configs/federated.py:icb --workdir "
+                "/tmp/fed_icb")
     config = fv.config
     spec = next(a.split("=", 1)[1] if a.startswith("--config=") else rest[i + 1]
                 for i, a in enumerate(rest) if a in ("--config",) or a.startswith("--config="))
