@@ -8,17 +8,21 @@ Builds the real jitted step (`cfm.setup`, as cfm.train does; synthetic samples o
 compile and a warm-up step), XLA's cost-analysis FLOPs against the analytic count
 (`cfm.flops.omics_step_flops`), and the model FLOP/s as a fraction of this machine's float32
 matmul rate measured in the same run.
-Last line: `samples_per_s=<x> tokens_per_s=<y> flops_ratio=<r> matmul_fraction=<z>`.
+Last line: `samples_per_s=<x> tokens_per_s=<y> flops_ratio=<r> matmul_fraction=<z>`
+(target, issue 19: matmul_fraction >= 0.5 for omics_base). Like train_step.py it re-executes
+itself under jemalloc with retention when installed (`--allocator system` to opt out).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import jax
 
-from benchmarks.train_step import compile_with_flops, matmul_rate, time_steps
+from benchmarks.train_step import (_reexec_with_jemalloc, compile_with_flops, matmul_rate,
+                                   time_steps)
 from cfm import cli_help, config_loader, flops, setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8, help="samples per step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--dtype", default="float32", help="compute dtype (config.model.dtype)")
+    ap.add_argument("--allocator", choices=("auto", "system"), default="auto",
+                    help="auto: re-run under jemalloc when it is installed (train_step.py)")
     args = ap.parse_args(argv)
+    if args.allocator == "auto" and argv is None:
+        _reexec_with_jemalloc(["-m", "benchmarks.omics_step"] + sys.argv[1:])
+    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
     c = config_loader.load_config(f"{ROOT}/configs/omics_mgm.py:demo", [
         f"--config.model.variant={args.variant}", f"--config.model.dtype={args.dtype}",
         f"--config.batch_size={args.batch}", f"--config.data.max_tokens={args.tokens}",
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     model = flops.omics_step_flops(c, args.tokens)["total"]
     peak = matmul_rate()
     print(f"variant {args.variant}, {args.tokens} tokens x batch {args.batch}, dtype "
-          f"{args.dtype}, {jax.devices()[0].device_kind} x{os.cpu_count()} cores")
+          f"{args.dtype}, {jax.devices()[0].device_kind} x{os.cpu_count()} cores, {allocator}")
     print(f"compile {compile_s:.1f} s, step {step_s:.3f} s (median of {args.steps}), "
           f"loss {float(out['loss']):.4f}")
     print(f"analytic {model / 1e9:.1f} GFLOP, XLA {xla / 1e9:.1f} GFLOP; model FLOP/s "

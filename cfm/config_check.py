@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cfm.models import omics, vit
+from cfm.models import omics, ops, vit
 
 
 class ConfigError(ValueError):
@@ -62,9 +62,8 @@ def validate_dino(config: ml_collections.ConfigDict) -> None:
     for k in ["crops.global_size", "crops.local_size", "model.img_size"]:
         _check(g(k) % patch == 0, k, g(k), f"must be a multiple of the patch size {patch}")
     _check(g("model.ffn") in ("mlp", "swiglu"), "model.ffn", g("model.ffn"), "use mlp or swiglu")
-    _check(g("model.attention") in ("auto", "dot_product_attention", "heads_major"),
-           "model.attention", g("model.attention"),
-           "use auto, dot_product_attention or heads_major")
+    _check(g("model.attention") in ops.IMPLS, "model.attention", g("model.attention"),
+           f"use one of {', '.join(ops.IMPLS)}")
     _check(g("model.dtype") in ("float32", "bfloat16", "float16"), "model.dtype",
            g("model.dtype"), "use float32, bfloat16 or float16")
     _check(0 <= g("model.drop_path_rate") < 1, "model.drop_path_rate", g("model.drop_path_rate"),
@@ -135,9 +134,8 @@ def validate_mgm(config: ml_collections.ConfigDict) -> None:
     _check(not g("mgm.sample_readout") or g("mgm.expression_loss") == "regression",
            "mgm.sample_readout", g("mgm.sample_readout"),
            "needs mgm.expression_loss=regression (it adds to the regressed value)")
-    _check(g("model.attention") in ("auto", "dot_product_attention", "heads_major"),
-           "model.attention", g("model.attention"),
-           "use auto, dot_product_attention or heads_major")
+    _check(g("model.attention") in ops.IMPLS, "model.attention", g("model.attention"),
+           f"use one of {', '.join(ops.IMPLS)}")
     _check(g("model.dtype") in ("float32", "bfloat16", "float16"), "model.dtype",
            g("model.dtype"), "use float32, bfloat16 or float16")
     _check(g("optim.base_lr") > 0, "optim.base_lr", g("optim.base_lr"), "must be > 0")

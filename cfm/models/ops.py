@@ -55,6 +55,9 @@ def _attention_heads_major(q: jax.Array, k: jax.Array, v: jax.Array,
     return jnp.einsum("bnts,bnsh->bnth", probs, v).transpose(0, 2, 1, 3)
 
 
+IMPLS = ("auto", "dot_product_attention", "cudnn", "xla", "heads_major")  # model.attention
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto",
               mask: jax.Array | None = None) -> jax.Array:
     """Multi-head attention on [B, T, N, H] queries/keys/values -> [B, T, N, H].
@@ -62,16 +65,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto",
     mask: optional [B, T] bool, False for padding tokens, which no query attends to (the omics
     model's padded gene sets); None = every token is real (ViT crops).
 
-    impl: "dot_product_attention" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs,
-    XLA's fused kernel on TPUs), "heads_major" (the CPU-friendly spelling above), or "auto" =
-    heads_major when the default backend is CPU, else dot_product_attention. Ahead-of-time
-    compiles for accelerators from a CPU host must pass "dot_product_attention" explicitly.
+    impl: "dot_product_attention" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs
+    where it applies, XLA's fused kernel on TPUs), "cudnn" / "xla" (the same function with its
+    `implementation` forced: cuDNN flash attention, an error where it cannot run, e.g. float32;
+    or XLA's own path, the reference `benchmarks/gpu_check.py` compares cuDNN with),
+    "heads_major" (the CPU-friendly spelling above), or "auto" = heads_major when the default
+    backend is CPU, else dot_product_attention. Ahead-of-time compiles for accelerators from a
+    CPU host must pass "dot_product_attention" explicitly.
     """
     if impl == "auto":
         impl = "heads_major" if jax.default_backend() == "cpu" else "dot_product_attention"
-    if impl == "dot_product_attention":
+    if impl in ("dot_product_attention", "cudnn", "xla"):
         return jax.nn.dot_product_attention(
-            q, k, v, mask=None if mask is None else mask[:, None, None, :])
+            q, k, v, mask=None if mask is None else mask[:, None, None, :],
+            implementation=None if impl == "dot_product_attention" else impl)
     if impl == "heads_major":
         return _attention_heads_major(q, k, v, mask)
-    raise ValueError(f"model.attention={impl!r}: use auto, dot_product_attention or heads_major")
+    raise ValueError(f"model.attention={impl!r}: use one of {', '.join(IMPLS)}")

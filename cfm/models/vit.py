@@ -231,7 +231,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     scan_layers: bool = False
-    attention: str = "auto"  # cfm.models.ops.attention: auto, dot_product_attention, heads_major
+    attention: str = "auto"  # cfm.models.ops.attention (ops.IMPLS)
 
     @nn.compact
     def __call__(self, images: jax.Array, masks: jax.Array | None = None,
