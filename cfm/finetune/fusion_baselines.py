@@ -24,13 +24,20 @@ from cfm.finetune.losses import SURVIVAL_HEADS
 
 
 def design_matrix(feats: dict) -> np.ndarray:
-    """The baselines' inputs: omics, clinical values and their presence flags."""
+    """The baselines' inputs: the raw omics (never a pretrained encoder's embedding), clinical
+    values and their presence flags."""
     parts = []
-    if "omics" in feats:
-        parts.append(feats["omics"])
+    if raw_omics(feats) is not None:
+        parts.append(raw_omics(feats))
     if "clinical" in feats:
         parts += [feats["clinical"], feats["clinical_mask"].astype(np.float32)]
     return np.concatenate(parts, axis=1).astype(np.float64)
+
+
+def raw_omics(feats: dict) -> np.ndarray | None:
+    """The standardised raw omics features of a split (`raw_omics` when an encoder's
+    features took the `omics` slot), or None."""
+    return feats.get("raw_omics", feats.get("omics"))
 
 
 def best_threshold(y: np.ndarray, s: np.ndarray) -> float:
@@ -64,10 +71,10 @@ def baseline_scores(name: str, data: tabular_data.TabularData, feats: dict, trai
         return clf.predict_proba(x[test])[:, 1], clf.predict(x[test])
     if name == "cox":
         parts, k = [], config.baselines.cox_pcs
-        if "omics" in feats:
-            pca = PCA(min(k, len(train) - 1, feats["omics"].shape[1]),
-                      random_state=0).fit(feats["omics"][train])
-            z = pca.transform(feats["omics"])
+        raw = raw_omics(feats)
+        if raw is not None:
+            pca = PCA(min(k, len(train) - 1, raw.shape[1]), random_state=0).fit(raw[train])
+            z = pca.transform(raw)
             parts.append(z / z[train].std(0))
         if "clinical" in feats:
             parts.append(feats["clinical"])

@@ -9,7 +9,17 @@ import ml_collections
 def add_fusion_keys(c: ml_collections.ConfigDict, baselines: str) -> ml_collections.ConfigDict:
     """Add the fusion keys to `c` (returned); `baselines` is the comma list of baselines."""
     c.omics = ml_collections.ConfigDict()
-    c.omics.encoder = ""                 # path of a pretrained omics encoder: not yet supported
+    # A pretrained omics encoder (cfm.train MGM workdir or cfm.export folder; "" = raw features;
+    # cfm.finetune.omics_encoder): genes mapped by symbol, its CLS (and/or token outputs) replace
+    # the raw omics in the fusion model and feed the cfm_probe linear model.
+    c.omics.encoder = ""
+    c.omics.encoder_step = -1            # checkpoint step of a workdir (-1 = latest)
+    c.omics.encoder_feature = "cls"      # cls | mean (of token outputs) | tokens (co-attn) | both
+    c.omics.encoder_tune = "frozen"      # frozen | last_k | full (layer-wise lr decay)
+    c.omics.encoder_last_k = 1           # encoder_tune = last_k: blocks that train
+    c.omics.encoder_lr_decay = 0.75      # BEiT layer-wise lr decay over the encoder
+    c.omics.encoder_norm = "auto"        # auto | model (its per-gene stats) | cohort (z-score)
+    c.omics.min_coverage = 0.2           # least share of the encoder's expression genes present
     c.omics.grouping = "modules"         # modules (k-means, training patients) | vector | gene_sets
     c.omics.n_modules = 32
     c.omics.gene_sets = ""               # GMT file for grouping = gene_sets
@@ -37,6 +47,11 @@ def add_fusion_keys(c: ml_collections.ConfigDict, baselines: str) -> ml_collecti
     c.cv.seed = 0
     c.cv.within_cohort = False
     c.cv.n_boot = 1000
+
+    c.probe = ml_collections.ConfigDict()  # cfm_probe: linear model on the encoder's CLS
+    c.probe.enabled = True               # (only with omics.encoder)
+    c.probe.l2_grid = "1,10,100,1000"    # L2 strengths (1/C; Cox penalizer / 100), inner CV
+    c.probe.inner_k = 3
 
     c.baselines = ml_collections.ConfigDict()
     c.baselines.names = baselines

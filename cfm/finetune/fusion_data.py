@@ -26,10 +26,14 @@ from sklearn.cluster import KMeans
 from cfm.evaluate import cv
 from cfm.finetune import tabular_data
 from cfm.finetune.common import FinetuneError, check
+from cfm.finetune.encoder_tune import TUNE_MODES
 from cfm.finetune.losses import HEADS, SURVIVAL_HEADS
 from cfm.models.fusion import group_edges
 
 CLIP = 5.0  # standardised features are clipped to +-5 sd (TCGA RNA-seq has heavy tails)
+ENCODER_FEATURES = ("cls", "mean", "tokens", "both")  # what fusion takes from an encoder
+BATCH_KEYS = ("omics", "omics_mask", "clinical", "clinical_mask", "tiles", "tile_mask",
+              "enc_gene_ids", "enc_modality", "enc_values", "enc_classes", "enc_view_mask")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,8 +55,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "slide tiles are not wired into the tabular cohorts (no slides for ICB/TCGA here); "
           "cfm.models.fusion takes them, use omics and/or clinical")
     if config.omics.encoder:
-        raise FinetuneError(f"config.omics.encoder={config.omics.encoder!r}: a pretrained omics "
-                            "encoder is not yet supported; leave it empty to use raw features")
+        o = config.omics
+        check("omics" in mods, "omics.encoder", o.encoder, "needs 'omics' in config.modalities")
+        check(o.encoder_feature in ENCODER_FEATURES, "omics.encoder_feature", o.encoder_feature,
+              f"use one of {list(ENCODER_FEATURES)}")
+        check(o.encoder_tune in TUNE_MODES, "omics.encoder_tune", o.encoder_tune,
+              f"use one of {list(TUNE_MODES)}")
+        check(o.encoder_tune == "frozen" or o.encoder_feature == "cls", "omics.encoder_feature",
+              o.encoder_feature, "a tuned encoder (encoder_tune last_k / full) feeds its CLS "
+              "only; token outputs need encoder_tune=frozen")
+        check(0.0 <= o.min_coverage <= 1.0, "omics.min_coverage", o.min_coverage,
+              "must be in [0, 1]")
+        check(o.encoder_last_k >= 0, "omics.encoder_last_k", o.encoder_last_k, "must be >= 0")
     check(config.omics.grouping in ("modules", "vector", "gene_sets"), "omics.grouping",
           config.omics.grouping, "use modules, vector or gene_sets")
     if config.omics.grouping == "gene_sets":
@@ -174,11 +188,49 @@ def _read_gmt(path: str, names: list[str]) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _standardise(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    mu, sd = x[train].mean(0), x[train].std(0)
+    return np.clip((x - mu) / np.where(sd > 0, sd, 1.0), -CLIP, CLIP).astype(np.float32)
+
+
+def encoder_features(out: dict, enc: dict, train: np.ndarray,
+                     config: ml_collections.ConfigDict) -> dict:
+    """Replace the raw omics input of `out` by the pretrained encoder's (cfm.finetune.
+    omics_encoder.encode): the raw features stay as `raw_omics` (the baselines' input); the
+    frozen patient vector (CLS or mean token output), standardised on the `train` rows, is
+    `omics` (and `probe_x`, the probe's input); token outputs go to the fusion model's
+    co-attention slot (`tiles`); a tuned encoder gets its token arrays (`enc_*`) instead of
+    `omics`."""
+    out["raw_omics"] = out.pop("omics")
+    for k in ("omics_edges", "n_groups"):
+        out.pop(k, None)
+    cls = _standardise(enc["vector"].astype(np.float64), train)
+    out["probe_x"] = cls
+    feature = config.omics.encoder_feature
+    if config.omics.encoder_tune != "frozen":
+        out.update(enc["tuning"])
+        out["omics_names"], out["omics_kinds"] = [], []
+    elif feature in ("cls", "mean", "both"):
+        out["omics"] = cls
+        out["omics_names"] = [f"encoder_{i}" for i in range(cls.shape[1])]
+        out["omics_kinds"] = ["encoder"] * cls.shape[1]
+        out["group_names"] = ["encoder"]
+    else:
+        out["omics_names"], out["omics_kinds"] = [], []
+        del out["omics_mask"]
+    if feature in ("tokens", "both"):
+        out["tiles"], out["tile_mask"] = enc["tokens"], enc["token_mask"]
+    return out
+
+
 def prepare_features(data: tabular_data.TabularData, train: np.ndarray,
-                     config: ml_collections.ConfigDict, seed: int) -> dict:
+                     config: ml_collections.ConfigDict, seed: int, enc: dict | None = None
+                     ) -> dict:
     """Model inputs of every patient for one split, with statistics (mean, sd, k-means
     modules, most variable features) from the `train` rows only: omics [N, G] + mask, its
-    feature names and kinds, group edges and names; clinical [N, C] + per-value mask."""
+    feature names and kinds, group edges and names; clinical [N, C] + per-value mask. With a
+    pretrained encoder's outputs `enc`, its features replace the raw omics
+    (`encoder_features`)."""
     mods = split_list(config.modalities)
     out: dict = {"modalities": mods}
     if "omics" in mods:
@@ -200,7 +252,7 @@ def prepare_features(data: tabular_data.TabularData, train: np.ndarray,
         out["omics_mask"] = np.ones(len(x), bool)
         out["omics_names"] = names
         out["omics_kinds"] = [str(k) for k, kk in zip(data.feature_kinds, keep) if kk]
-        grouping = config.omics.grouping
+        grouping = "vector" if enc is not None else config.omics.grouping
         if grouping == "vector":
             groups, out["group_names"] = None, ["omics"]
         elif grouping == "gene_sets":
@@ -236,13 +288,13 @@ def prepare_features(data: tabular_data.TabularData, train: np.ndarray,
         out["clinical"] = np.clip(z, -CLIP, CLIP).astype(np.float32)
         out["clinical_mask"] = present
         out["clinical_names"] = list(data.clinical_names)
-    return out
+    return encoder_features(out, enc, train, config) if enc is not None else out
 
 
 def device_batch(feats: dict, rows: np.ndarray) -> dict:
     """The model's input batch of `rows` (device arrays), with the omics group edges."""
     b = {}
-    for k in ("omics", "omics_mask", "clinical", "clinical_mask"):
+    for k in BATCH_KEYS:
         if k in feats:
             b[k] = jnp.asarray(feats[k][rows])
     for k, v in feats.get("omics_edges", {}).items():

@@ -21,6 +21,24 @@ def _ordered(d: dict, rows: np.ndarray) -> np.ndarray:
     return np.array([d[int(r)] for r in rows])
 
 
+def member_spread(data: TabularData, rows: np.ndarray, members: dict, head: str) -> dict | None:
+    """The metric (AUC / c-index) of each ensemble member alone on the pooled out-of-fold
+    patients: members differ only in their seed (init, dropout, inner validation split), so
+    this is the seed-to-seed spread of one fusion model; None for one member or multiclass."""
+    m = np.array([members[int(r)] for r in rows])
+    if head == "multiclass" or m.ndim != 2 or m.shape[1] < 2:
+        return None
+    if head in SURVIVAL_HEADS:
+        vals = [metrics.c_index(data.time[rows], data.event[rows], m[:, j])
+                for j in range(m.shape[1])]
+    else:
+        vals = [metrics.roc_auc(data.label[rows], m[:, j]) for j in range(m.shape[1])]
+    return {"metric": "c_index" if head in SURVIVAL_HEADS else "auc",
+            "values": [round(float(v), 4) for v in vals], "mean": float(np.mean(vals)),
+            "sd": float(np.std(vals, ddof=1)), "min": float(np.min(vals)),
+            "max": float(np.max(vals))}
+
+
 def summarize_unit(data: TabularData, unit: dict, out: dict, config: ml_collections.ConfigDict,
                    workdir: str) -> tuple[dict, list[str]]:
     """Metrics of every model on the unit's pooled out-of-fold scores (bootstrap CIs), its ROC /
@@ -79,6 +97,12 @@ def summarize_unit(data: TabularData, unit: dict, out: dict, config: ml_collecti
         md += [report.markdown_table(["model", "n", "events", "c-index (95% CI)"], table), "",
                f"Log-rank p (cfm_fusion, median split of out-of-fold risk): {p:.3g}", "",
                f"![KM](km_{unit['name']}.png)"]
+    spread = member_spread(data, rows, out["members"], head)
+    if spread is not None:
+        res["models"]["cfm_fusion"]["member_spread"] = spread
+        md += ["", f"cfm_fusion single members ({len(spread['values'])} seeds): {spread['metric']} "
+               f"mean {spread['mean']:.3f}, sd {spread['sd']:.3f}, range {spread['min']:.3f}-"
+               f"{spread['max']:.3f} (the ensemble above averages them)."]
     return res, md
 
 

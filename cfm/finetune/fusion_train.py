@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from cfm.explain import attributions
+from cfm.finetune.encoder_tune import encoder_optimizer
 from cfm.finetune.fusion_data import device_batch
 from cfm.finetune.losses import explain_fn, loss_fn, score_fn
 from cfm.models.fusion import FusionModel
@@ -33,22 +34,26 @@ def prng_key(seed: int) -> jax.Array:
     return jax.random.key(seed, impl="rbg")
 
 
-def compiled(model: FusionModel, head: str, lr: float, wd: float, alpha: float) -> dict:
+def compiled(model: FusionModel, head: str, lr: float, wd: float, alpha: float,
+             tune: tuple | None = None) -> dict:
     """The jitted init / train step / validation loss / score / IG functions of one model and
     head, built once per process: every split, member and cohort with the same shapes reuses
-    the same executables (compiling dominates the run time on CPU otherwise)."""
-    key = (model, head, lr, wd, alpha)
+    the same executables (compiling dominates the run time on CPU otherwise). `tune`: a
+    tuned omics encoder's layer-wise lr spec (cfm.finetune.encoder_tune.tune_spec)."""
+    key = (model, head, lr, wd, alpha, tune)
     if key in _COMPILED:
         return _COMPILED[key]
-    tx = optax.adamw(lr, weight_decay=wd)
+    tx = encoder_optimizer(lr, wd, tune)
 
     def loss(params, batch, tg, w, rng, train):
         out = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
         return loss_fn(head, out, tg, w, alpha)
 
     @jax.jit
-    def init(rng, batch):
+    def init(rng, batch, backbone=None):
         params = model.init({"params": rng, "dropout": rng}, batch)["params"]
+        if backbone is not None:  # a pretrained encoder replaces its random init
+            params = dict(params, backbone=backbone)
         return params, tx.init(params)
 
     @jax.jit
@@ -101,15 +106,18 @@ def pad_rows(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 class Trainer:
     """Full-batch AdamW training of one FusionModel with early stopping on an inner validation
-    split. Row sets are padded to `n_pad` rows (weight 0) so all splits share one compile."""
+    split. Row sets are padded to `n_pad` rows (weight 0) so all splits share one compile.
+    For an EncoderFusion model, `backbone` holds the pretrained encoder's params (each member
+    starts from them) and `tune` its layer-wise lr spec (cfm.finetune.encoder_tune)."""
 
     def __init__(self, model: FusionModel, head: str, config: ml_collections.ConfigDict,
-                 tgt: dict, feats: dict, n_pad: int):
+                 tgt: dict, feats: dict, n_pad: int, backbone: dict | None = None,
+                 tune: tuple | None = None):
         self.model, self.head, self.config, self.tgt, self.feats = model, head, config, tgt, feats
-        self.n_pad = n_pad
+        self.n_pad, self.backbone = n_pad, backbone
         alpha = float(config.survival.alpha) if head == "nll" else 0.0
         self.fns = compiled(model, head, float(config.train.lr),
-                            float(config.train.weight_decay), alpha)
+                            float(config.train.weight_decay), alpha, tune)
 
     def _rows(self, rows: np.ndarray, class_weights: bool):
         idx, w = pad_rows(rows, self.n_pad)
@@ -136,7 +144,7 @@ class Trainer:
         fb, ft, fw = self._rows(fit, True)
         vb, vt, vw = self._rows(val if len(val) else fit, True)
         key = prng_key(seed)
-        params, opt_state = self.fns["init"](key, fb)
+        params, opt_state = self.fns["init"](key, fb, self.backbone)
         best, best_loss, best_epoch, bad = params, np.inf, 0, 0
         for epoch in range(tc.max_epochs):
             params, opt_state, _ = self.fns["step"](params, opt_state, fb, ft, fw,

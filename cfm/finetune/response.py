@@ -33,11 +33,13 @@ import ml_collections
 import numpy as np
 
 from cfm.evaluate import report
-from cfm.finetune import losses, tabular_data
+from cfm.finetune import losses, omics_encoder, tabular_data
 from cfm.finetune.common import check, write_json
+from cfm.finetune.encoder_tune import EncoderFusion, tune_spec
 from cfm.finetune.fusion_baselines import baseline_scores, best_threshold
 from cfm.finetune.fusion_data import (evaluation_units, labelled_patients, load_data,
                                       prepare_features, split_list, stratum_labels, validate)
+from cfm.finetune.fusion_probe import probe_scores
 from cfm.finetune.fusion_report import explain_unit, summarize_unit
 from cfm.finetune.fusion_train import Trainer, attribute, pad_bucket
 from cfm.finetune.losses import HEADS, SURVIVAL_HEADS
@@ -48,14 +50,18 @@ __all__ = ["HEADS", "SURVIVAL_HEADS", "run", "run_pipeline", "run_unit"]
 
 def run_unit(data: tabular_data.TabularData, unit: dict,
              config: ml_collections.ConfigDict, log: Callable[[str], None],
-             n_test_pad: int = 0) -> dict:
+             n_test_pad: int = 0, enc: dict | None = None) -> dict:
     """Train and predict every split of `unit`; IG rows are padded to `n_test_pad` (the largest
-    test set of all units, so one IG compile serves them all). Returns the out-of-fold scores
+    test set of all units, so one IG compile serves them all). `enc`: a pretrained omics
+    encoder's outputs (omics_encoder.encode), whose features replace the raw omics of the
+    fusion model and feed the `cfm_probe` linear model. Returns the out-of-fold scores
     and predicted classes of every model ({model: {row: value}}), the ensemble members' scores,
     the IG rows and per-split training logs."""
     head = config.head
     strata = stratum_labels(data, head)
-    model_names = ["cfm_fusion"] + split_list(config.baselines.names)
+    ours = ["cfm_fusion"] + (["cfm_probe"] if enc is not None and config.probe.enabled
+                             and head != "multiclass" else [])
+    model_names = ours + split_list(config.baselines.names)
     if head == "multiclass":
         model_names = [m for m in model_names if m not in data.signatures]
     if head in SURVIVAL_HEADS:
@@ -65,12 +71,13 @@ def run_unit(data: tabular_data.TabularData, unit: dict,
     scores = {m: {} for m in model_names}
     preds = {m: {} for m in model_names}
     members, attr_rows, fold_logs = {}, [], []
+    spec = tune_spec(config, enc["encoder"].depth) if enc is not None else None
     n_test_pad = max([n_test_pad] + [len(te) for _, te in unit["splits"]])
     n_pad = pad_bucket(max(max(len(tr), len(te)) for tr, te in unit["splits"]))
     for f, (train, test) in enumerate(unit["splits"]):
         t0 = time.time()
         seed = config.seed * 1000 + f
-        feats = prepare_features(data, train, config, seed)
+        feats = prepare_features(data, train, config, seed, enc)
         edges = (losses.survival_bins(data.time[train], data.event[train],
                                       config.survival.n_bins) if head == "nll" else None)
         tgt = losses.targets(data, head, edges)
@@ -80,7 +87,10 @@ def run_unit(data: tabular_data.TabularData, unit: dict,
                             feature_dropout=config.model.feature_dropout,
                             modality_dropout=config.model.modality_dropout,
                             n_groups=feats.get("n_groups", 0))
-        trainer = Trainer(model, head, config, tgt, feats, n_pad=n_pad)
+        if spec is not None:  # the encoder trains inside the fusion model
+            model = EncoderFusion(backbone=enc["encoder"].module, fusion=model)
+        trainer = Trainer(model, head, config, tgt, feats, n_pad=n_pad, tune=spec,
+                          backbone=enc["encoder"].params if spec is not None else None)
         params_list, member_scores, train_logs = [], [], []
         for m in range(config.train.ensemble):
             params, tlog = trainer.fit(train, strata, seed * 10 + m)
@@ -99,7 +109,15 @@ def run_unit(data: tabular_data.TabularData, unit: dict,
         elif head == "multiclass":
             for i, r in enumerate(test):
                 preds["cfm_fusion"][int(r)] = int(np.argmax(ms[:, i].mean(0)))
-        for name in model_names[1:]:
+        fold_extra: dict = {}
+        if "cfm_probe" in scores:
+            s, p, lam = probe_scores(data, feats, train, test, strata, config)
+            for i, r in enumerate(test):
+                scores["cfm_probe"][int(r)] = s[i]
+                if p is not None:
+                    preds["cfm_probe"][int(r)] = int(p[i])
+            fold_extra["probe_l2"] = lam
+        for name in model_names[len(ours):]:
             s, p = baseline_scores(name, data, feats, train, test, config)
             for i, r in enumerate(test):
                 scores[name][int(r)] = s[i]
@@ -108,7 +126,8 @@ def run_unit(data: tabular_data.TabularData, unit: dict,
         if config.explain.enabled:
             attr_rows.append(attribute(trainer, params_list, feats, test, n_test_pad, config))
         fold_logs.append({"fold": f, "n_train": len(train), "n_test": len(test),
-                          "members": train_logs, "wall_s": round(time.time() - t0, 1)})
+                          "members": train_logs, "wall_s": round(time.time() - t0, 1),
+                          **fold_extra})
         log(f"  {unit['name']} split {f + 1}/{len(unit['splits'])}: {len(train)} train, "
             f"{len(test)} test, best epochs {[t['best_epoch'] for t in train_logs]}, "
             f"{time.time() - t0:.1f} s")
@@ -132,9 +151,21 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, title: str) ->
     units, notes = evaluation_units(data, config)
     log(f"cfm.finetune {config.task}: {len(data)} labelled patients from {cohorts}, "
         f"{len(units)} evaluation unit(s)")
+    enc = omics_encoder.encode(data, config, log) if config.omics.encoder else None
+    if enc is not None and config.omics.encoder_tune != "frozen":
+        enc["tuning"] = omics_encoder.tuning_arrays(
+            enc["samples"], int(getattr(enc["encoder"].module, "attend_tokens", 0)))
     results = {"task": config.task, "head": config.head, "n_patients": len(data),
                "cohorts": cohorts, "notes": notes,
                "signature_genes": data.signature_genes, "units": {}}
+    if enc is not None:
+        results["encoder"] = dict(enc["report"], path=config.omics.encoder,
+                                  step=enc["encoder"].step, tune=config.omics.encoder_tune,
+                                  feature=config.omics.encoder_feature)
+        notes.append(f"omics encoder {config.omics.encoder}: coverage "
+                     f"{enc['report']['coverage']:.1%} of its expression genes, "
+                     f"{enc['report']['normalisation']} normalisation, "
+                     f"{config.omics.encoder_tune}, feature {config.omics.encoder_feature}")
     md = [f"# {title}", "", f"{len(data)} labelled patients; cohorts "
           f"{', '.join(cohorts)}; modalities {config.modalities}; "
           f"head {config.head}; ensemble of {config.train.ensemble} per split; "
@@ -143,7 +174,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, title: str) ->
     md.append("")
     n_test_pad = pad_bucket(max(len(te) for u in units for _, te in u["splits"]))
     for unit in units:
-        out = run_unit(data, unit, config, log, n_test_pad)
+        out = run_unit(data, unit, config, log, n_test_pad, enc)
         res, umd = summarize_unit(data, unit, out, config, workdir)
         ex, emd = explain_unit(data, unit, out, config, workdir)
         res["explain"] = ex

@@ -5,10 +5,12 @@ missing), labels (binary response) and survival (time, event), the cohort, and p
 signature scores. Two sources:
 
 - ICB (`load_icb`): PredictioR's immune-checkpoint cohorts, expression log2(TPM + 0.001) of the
-  genes common to the chosen cohorts. Expression is z-scored per gene *within each cohort*
-  (labels are not used; it removes the platform/batch shift between studies, which dominates
-  cross-cohort transfer). Clinical: age (years), sex (1 = male), stage (I-IV -> 1-4) and
-  log1p(TMB per Mb); all-missing variables are dropped from the table.
+  genes common to the chosen cohorts. Any cohort whose two files `<name>_expression.csv.gz`
+  and `<name>_clinical.csv.gz` (the same format) sit in `<data.path>/icb` can be named
+  (`read_icb_cohort`); nothing in the code lists cohorts. Expression is z-scored per gene
+  *within each cohort* (labels are not used; it removes the platform/batch shift between
+  studies, which dominates cross-cohort transfer). Clinical: age (years), sex (1 = male),
+  stage (I-IV -> 1-4) and log1p(TMB per Mb); all-missing variables are dropped from the table.
 - TCGA (`load_tcga`): PORPOISE's per-case table for one cancer type: `_rnaseq` (signed log1p,
   then z-scored per gene on the training patients by the trainer), `_cnv` / 2, `_mut` 0/1;
   clinical age, sex (1 = female) and, for BLCA, SurvPath's stage. Event = 1 - censorship.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -43,6 +46,10 @@ IFNG6 = ("IDO1", "CXCL10", "CXCL9", "HLA-DRA", "STAT1", "IFNG")
 CYT = ("GZMA", "PRF1")
 RECIST = {"CR": 0.0, "PR": 1.0, "SD": 2.0, "PD": 3.0}
 STAGES = {"0": 0.0, "I": 1.0, "II": 2.0, "III": 3.0, "IV": 4.0}
+EXPR_SUFFIX, CLIN_SUFFIX = "_expression.csv.gz", "_clinical.csv.gz"  # an ICB cohort's two files
+CLIN_OPTIONAL = ("age", "sex", "stage", "TMB_perMb", "response", "recist", "survival_time_os",
+                 "event_occurred_os")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclasses.dataclass
@@ -108,23 +115,59 @@ def _drop_empty_clinical(clin: pd.DataFrame) -> pd.DataFrame:
     return clin.loc[:, clin.notna().any(axis=0)]
 
 
+def icb_cohorts(data_dir: str) -> list[str]:
+    """Every cohort with both files in `data_dir`/icb (the six visible ones and any added)."""
+    folder = os.path.join(data_dir, "icb")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n[:-len(EXPR_SUFFIX)] for n in names if n.endswith(EXPR_SUFFIX)
+                  and f"{n[:-len(EXPR_SUFFIX)]}{CLIN_SUFFIX}" in names)
+
+
+def read_icb_cohort(data_dir: str, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(expression genes x patients indexed by gene, clinical table) of the cohort `name`:
+    `<name>_expression.csv.gz` (column `gene`, then one column per patient) and
+    `<name>_clinical.csv.gz` (one row per patient, column `patientid` in the same order) in
+    `data_dir`/icb. Clinical columns the loader reads but the file lacks (CLIN_OPTIONAL) are
+    missing values."""
+    if not NAME_RE.fullmatch(name):
+        raise FinetuneError(f"config.data.cohorts: {name!r} is not a cohort name (letters, "
+                            "digits, '_', '-', '.')")
+    folder = os.path.join(data_dir, "icb")
+    paths = [os.path.join(folder, f"{name}{s}") for s in (EXPR_SUFFIX, CLIN_SUFFIX)]
+    if not all(os.path.isfile(p) for p in paths):
+        raise FinetuneError(f"config.data.cohorts: unknown ICB cohort {name!r}: no "
+                            f"{paths[0]} and {os.path.basename(paths[1])}; cohorts found "
+                            f"there: {icb_cohorts(data_dir)}")
+    e, k = _read(paths[0]), _read(paths[1])
+    for df, col, p in ((e, "gene", paths[0]), (k, "patientid", paths[1])):
+        if col not in df.columns:
+            raise FinetuneError(f"{p}: no column {col!r} (columns {list(df.columns[:6])})")
+    e = e.set_index("gene")
+    if e.index.duplicated().any():
+        raise FinetuneError(f"{paths[0]}: gene {e.index[e.index.duplicated()][0]!r} appears "
+                            "twice")
+    try:
+        e = e.astype(float)
+    except ValueError as err:
+        raise FinetuneError(f"{paths[0]}: a non-numeric expression value ({err})") from None
+    if list(e.columns) != k["patientid"].astype(str).tolist():
+        raise FinetuneError(f"ICB cohort {name}: the expression columns and the clinical "
+                            "patientid column differ (same patients, same order needed)")
+    for col in CLIN_OPTIONAL:
+        if col not in k.columns:
+            k[col] = np.nan
+    return e, k
+
+
 def load_icb(data_dir: str, cohorts: list[str], clinical: list[str],
              label: str = "response") -> TabularData:
     """ICB cohorts -> TabularData; label `response` (R 1 / NR 0 / NaN) or `recist` (best
     RECIST response CR 0 / PR 1 / SD 2 / PD 3 / NaN); OS as survival."""
     if label not in ("response", "recist"):
         raise FinetuneError(f"config.data.label={label!r}: use response or recist")
-    for c in cohorts:
-        if c not in ICB_COHORTS:
-            raise FinetuneError(f"config.data.cohorts: unknown ICB cohort {c!r}; choose from "
-                                f"{list(ICB_COHORTS)}")
     exprs, clins = [], []
     for c in cohorts:
-        e = _read(os.path.join(data_dir, "icb", f"{c}_expression.csv.gz")).set_index("gene")
-        k = _read(os.path.join(data_dir, "icb", f"{c}_clinical.csv.gz"))
-        if list(e.columns) != k["patientid"].astype(str).tolist():
-            raise FinetuneError(f"ICB cohort {c}: expression columns and clinical patientid "
-                                "differ")
+        e, k = read_icb_cohort(data_dir, c)
         exprs.append(e.T)
         clins.append(k.assign(_cohort=c))
     genes = sorted(set.intersection(*[set(e.columns) for e in exprs]))

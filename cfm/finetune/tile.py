@@ -52,7 +52,10 @@ METHODS = ("linear", "knn", "finetune")
 
 # ============================================================================ fine-tuning =====
 _BLOCK = re.compile(r"block_(\d+)")
-_EMBED = ("patch_embed", "cls_token", "reg_tokens", "mask_token", "pos_embed")
+_EMBED = ("patch_embed", "cls_token", "reg_tokens", "mask_token", "pos_embed",
+          # the omics encoder's token embeddings (cfm.models.omics), layer 0 too
+          "gene_embed", "modality_embed", "value_in", "value_out", "value_embed",
+          "gene_norm", "value_norm", "gene_value_embed", "sketch_norm", "mask_value")
 
 
 def layer_id(path: str, depth: int) -> int:

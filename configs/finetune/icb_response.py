@@ -30,6 +30,8 @@ cfm's fusion model does not beat the published IFN-gamma signature in any of the
 CI is wide (3-42 responders per cohort): with 1,758 genes and 14-131 training patients the
 fusion model overfits within ~30 full-batch steps (early stopping picks epoch 30-50). Its top
 IG feature in `loco` is sex, a cohort-composition effect of the training cohorts, not biology.
+With a pretrained omics encoder (`--config.omics.encoder=PATH`, docs/finetuning.md: frozen CLS,
+a `cfm_probe` linear model beside the fusion network) the figures are in docs/finetuning.md.
 """
 
 import ml_collections

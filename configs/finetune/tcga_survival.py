@@ -23,6 +23,8 @@ load ~7):
 
 cfm's fusion model does not beat the penalised Cox baseline on BLCA. LUAD and KIRC (`luad`,
 `kirc`, `all`) run with the same code but were not timed or measured.
+With a pretrained omics encoder (`--config.omics.encoder=PATH`, docs/finetuning.md: frozen CLS,
+a `cfm_probe` linear model beside the fusion network) the figures are in docs/finetuning.md.
 """
 
 import ml_collections
