@@ -171,7 +171,7 @@ def test_bad_inputs_exit_2_and_write_nothing(shared_data, tmp_path, capsys):
         ([f"--config.data.labels={one_class}"], "same class"),
         (["--config.data.clinical=stage", "--config.modalities=clinical"],
          "missing for every patient"),
-        (["--config.omics.encoder=/some/encoder"], "not yet supported"),
+        (["--config.omics.encoder=/some/encoder"], "is neither a cfm.export folder"),
         (["--config.data.cohorts=Nathanson"], "unknown ICB cohort"),
         (["--config.modle.dim=3"], "bad command line"),
     ]
