@@ -149,10 +149,12 @@ def main() -> None:
     p = cli_help.parser("benchmarks.federated", __doc__,
                         "python -m benchmarks.federated --data ../shared/data --rounds 30")
     p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "..", "shared", "data"))
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--cohorts", default="Hugo,Riaz,Van_Allen,Mariathasan,Miao,Padron")
-    p.add_argument("--skip", default="", help="icb or tcga: leave that part out")
+        os.path.abspath(__file__))), "..", "shared", "data"),
+                   help="the shared data folder (icb/, tcga/)")
+    p.add_argument("--rounds", type=int, default=30, help="server rounds of each run")
+    p.add_argument("--cohorts", default="Hugo,Riaz,Van_Allen,Mariathasan,Miao,Padron",
+                   help="ICB cohorts, each a site and in turn the held-out cohort")
+    p.add_argument("--skip", default="", help="icb or tcga: leave that part out (default: run both)")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cfm_fed_bench_")
     try:

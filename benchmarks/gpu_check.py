@@ -63,8 +63,8 @@ def main() -> None:
     ap = cli_help.parser("benchmarks.gpu_check", __doc__,
                          "python -m benchmarks.gpu_check --quick")
     ap.add_argument("--quick", action="store_true", help="tiny ViT, float32: heads_major vs xla")
-    ap.add_argument("--variant", default="vit_s16")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--variant", default="vit_s16", help="ViT variant on a GPU")
+    ap.add_argument("--batch", type=int, default=8, help="images per step on a GPU")
     args = ap.parse_args()
     gpu = jax.default_backend() == "gpu" and not args.quick
     if gpu:

@@ -262,18 +262,24 @@ def main() -> None:
         "python -m benchmarks.torch_reference --spec 384,12,6,1536,16 --batch 16 "
         "--local-crops 8 --global-size 224 --local-size 96 --prototypes 65536 --buffer 1600 "
         "--masks MASKS.npy")
-    ap.add_argument("--spec", required=True, help="width,depth,heads,mlp,patch")
-    ap.add_argument("--batch", type=int, required=True)
-    ap.add_argument("--local-crops", type=int, required=True)
-    ap.add_argument("--global-size", type=int, required=True)
-    ap.add_argument("--local-size", type=int, required=True)
-    ap.add_argument("--prototypes", type=int, required=True)
-    ap.add_argument("--buffer", type=int, required=True, help="masked-token buffer rows")
-    ap.add_argument("--masks", required=True, help=".npy of [2 * batch, N] bool iBOT masks")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--spec", required=True, help="width,depth,heads,mlp,patch (required)")
+    ap.add_argument("--batch", type=int, required=True, help="images per step (required)")
+    ap.add_argument("--local-crops", type=int, required=True,
+                    help="local crops per image (required)")
+    ap.add_argument("--global-size", type=int, required=True,
+                    help="global crop side, pixels (required)")
+    ap.add_argument("--local-size", type=int, required=True,
+                    help="local crop side, pixels (required)")
+    ap.add_argument("--prototypes", type=int, required=True,
+                    help="DINO prototypes (required)")
+    ap.add_argument("--buffer", type=int, required=True,
+                    help="masked-token buffer rows (required)")
+    ap.add_argument("--masks", required=True,
+                    help=".npy of [2 * batch, N] bool iBOT masks (required)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (DINOv2's AMP)")
-    ap.add_argument("--drop-path", type=float, default=0.3)
+    ap.add_argument("--drop-path", type=float, default=0.3, help="stochastic depth rate")
     a = ap.parse_args()
     if torch is None:
         sys.exit('torch_reference: torch is not installed; pip install torch (the peer step of '

@@ -33,7 +33,8 @@ import threading
 from typing import Any, Callable, Iterator, NoReturn
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-RETRY_S = 0.05  # a Stopped swallowed by a gc callback or __del__ is raised again after this
+RETRY_S = 0.05  # a signal that came during an import, or whose Stopped a gc callback or
+# __del__ swallowed, is sent again after this (seconds)
 
 
 class Stopped(BaseException):
@@ -125,6 +126,20 @@ def folder_kept(path: str) -> Callable[[], str]:
     return kept
 
 
+def _importing(frame: Any) -> bool:
+    """Whether `frame` runs inside an import (importlib's bootstrap is on the stack). cfm
+    imports JAX lazily, inside the blocks; a Stopped raised while jaxlib's native module
+    initialises ended cfm.finetune in a segfault (exit 139) in about 1 run in 10 when SIGTERM
+    came at that moment."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "importlib._bootstrap" in name or name.endswith(
+                ("importlib/_bootstrap.py", "importlib/_bootstrap_external.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Interrupt:
     """The handlers of one `stop_on_signals` block."""
 
@@ -137,6 +152,9 @@ class _Interrupt:
             self.signum = signum
         if self.in_flight:
             return  # a second Ctrl-C must not cut the clean-up short
+        if _importing(frame):  # raising now can crash a native module half-way through its init
+            self.retry_later()
+            return
         self.in_flight = True
         for child in multiprocessing.active_children():  # e.g. tile_wsi's workers: stop now
             child.terminate()
@@ -150,6 +168,10 @@ class _Interrupt:
             previous(unraisable)
             return
         self.in_flight = False
+        self.retry_later()
+
+    def retry_later(self) -> None:
+        """Send the first signal to the main thread again in `RETRY_S` seconds."""
         timer = threading.Timer(RETRY_S, signal.pthread_kill,
                                 (threading.main_thread().ident, self.signum))
         timer.daemon = True

@@ -106,6 +106,35 @@ def test_a_stop_swallowed_by_a_gc_callback_is_raised_again():
     assert proc.stdout == "" and time.time() - t0 < 15
 
 
+_IMPORTING = """
+import os, signal, sys, tempfile, time
+from cfm import preemption
+
+folder = tempfile.mkdtemp()
+with open(os.path.join(folder, "slow_module.py"), "w") as f:
+    f.write("import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\n"
+            "for _ in range(200000):\\n    pass\\nDONE = True\\n")
+sys.path.insert(0, folder)
+
+def kept():
+    return "imported" if getattr(sys.modules.get("slow_module"), "DONE", False) else "cut"
+
+with preemption.stop_on_signals("probe", kept):
+    import slow_module
+    time.sleep(20)
+print("not stopped")
+"""
+
+
+def test_a_signal_during_an_import_waits_for_the_import():
+    """A Stopped raised inside a module's import can crash a native module half-initialised
+    (jaxlib: segfaults in cfm.finetune); the signal is acted on once the import is done."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTING], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr == "probe: stopped by SIGTERM imported\n", proc.stderr
+
+
 def _wait_for_line(proc, log, text):
     t0 = time.time()
     while text not in log.read_text():
