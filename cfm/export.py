@@ -365,7 +365,18 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder or "
                               "pass --overwrite")
     config, params, step = pretrained.read_checkpoint(workdir, step)
+    return write_export(out, config, params, step, fmt, dtype)
+
+
+def write_export(out: str, config: dict, params: dict, step: int, fmt: str = "safetensors",
+                 dtype: str = "float32", provenance: dict | None = None) -> dict:
+    """Write backbone `params` (numpy, per-block layout) of a run whose training config is
+    `config` (a dict) to `out` as an export (the config.json, README and, for omics, the files
+    of config's data.path), with `provenance` added to config.json's; returns config.json's
+    dict. Also used by cfm.federated's pretraining. Nothing appears at `out` unless the whole
+    export succeeds; an existing `out` is replaced only then."""
     info = build_info(config, step, fmt, dtype)
+    info["provenance"].update(provenance or {})
     with atomic_folder(out) as tmp:  # --overwrite: the old export stays until the new one is in
         _write(tmp, info, params, out)
     return info

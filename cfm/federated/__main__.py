@@ -16,8 +16,9 @@ import sys
 from absl import flags
 
 from cfm import config_loader, errors
-from cfm.federated import deploy
+from cfm.federated import deploy, secagg
 from cfm.federated.sites import FederatedError
+from cfm.finetune.fusion_data import split_list
 
 PROG = "cfm.federated"
 MODES = ("server", "client", "local")
@@ -47,6 +48,11 @@ def _main(argv: list[str]) -> int:
     spec = next(a.split("=", 1)[1] if a.startswith("--config=") else rest[i + 1]
                 for i, a in enumerate(rest) if a in ("--config",) or a.startswith("--config="))
     overrides = [a for a in rest[1:] if a.startswith("--config.")]
+    if mode != "client" and secagg.enabled(config):  # before any process starts
+        secagg.check_config(config, len(split_list(config.data.sites)))
+    if config.model.kind == "mgm":  # refuse a missing or wrong export before any process
+        from cfm.federated import pretrain
+        pretrain.check_init_from(config)
     if mode == "server":
         errors.check_workdir(fv.workdir)
         res = deploy.serve(spec, overrides, fv.workdir, config.server.address)

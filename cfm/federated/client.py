@@ -7,7 +7,12 @@ runs cfm.federated.model.local_update on its patients and replies with the new p
 two numbers: its number of patients (FedAvg's weight) and its last local loss. Nothing else
 leaves the site: no ids, no feature values, no predictions (tests/test_federated.py inspects
 every message). With DP on, Flower's `fixedclipping_mod` clips the update w_k - w to the
-server's norm before the reply leaves.
+server's norm before the reply leaves. With secure aggregation on, Flower's `secaggplus_mod`
+(cfm.federated.secagg) answers the SecAgg+ stages and masks the (clipped) update.
+
+With `model.kind = "mgm"` (cfm.federated.pretrain) the site trains on its omics table, and
+also answers `evaluate` messages: the global model's masked-gene loss on its held-out patients
+and their number.
 
 Which site and config: the node config of the SuperNode (`cfm-config`, `cfm-overrides`,
 `site`; set by `python -m cfm.federated client`) or of the in-process grid.
@@ -29,6 +34,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cfm import config_loader
 from cfm.federated import model as fmodel
+from cfm.federated import pretrain
+from cfm.federated.secagg import secure_aggregation_mod
 from cfm.federated.sites import FederatedError, SiteData, feature_names, site_data
 
 
@@ -37,6 +44,8 @@ def load_site(spec: str, overrides: str, site: str) -> tuple[ml_collections.Conf
                                                                SiteData, str]:
     """(config, the site's data, its model keys) of a node config; cached per process."""
     config = config_loader.load_config(spec, shlex.split(overrides))
+    if pretrain.is_mgm(config):  # continued masked-gene pretraining on the site's table
+        return config, pretrain.site_data(config, site), pretrain.fingerprint(config)
     names = feature_names(config)
     return config, site_data(config, site, names), fmodel.model_fingerprint(config, names)
 
@@ -61,25 +70,48 @@ def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
     return call_next(msg, ctxt)
 
 
-app = ClientApp(mods=[dp_clipping_mod])
+app = ClientApp(mods=[secure_aggregation_mod, dp_clipping_mod])  # clip, then mask
+
+
+def _checked_site(msg: Message, context: Context):
+    """(config, site data) of the node config, after checking the server's model keys."""
+    nc = context.node_config
+    config, site, mine = load_site(str(nc["cfm-config"]), str(nc.get("cfm-overrides", "")),
+                                   str(nc["site"]))
+    if msg.content["config"]["model"] != mine:
+        theirs = str(msg.content["config"]["model"])
+        raise FederatedError(f"site {site.name!r}: its model config differs from the server's "
+                             f"({', '.join(_differences(mine, theirs))}); start "
+                             "the client with the server's config")
+    return config, site
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training (module docstring)."""
-    nc = context.node_config
-    config, site, mine = load_site(str(nc["cfm-config"]), str(nc.get("cfm-overrides", "")),
-                                   str(nc["site"]))
+    config, site = _checked_site(msg, context)
     cfg = msg.content["config"]
-    if cfg["model"] != mine:
-        raise FederatedError(f"site {site.name!r}: its model config differs from the server's "
-                             f"({', '.join(_differences(mine, str(cfg['model'])))}); start "
-                             "the client with the server's config")
     params = fmodel.from_record(msg.content["arrays"])
     seed = (int(config.seed) * 100003 + int(cfg["server-round"]) * 101
             + zlib.crc32(site.name.encode()) % 97)
-    new, loss = fmodel.local_update(config, params, site, float(cfg["mu"]), seed)
+    update = pretrain.local_update if pretrain.is_mgm(config) else fmodel.local_update
+    new, loss = update(config, params, site, float(cfg["mu"]), seed)
     return Message(RecordDict({"arrays": fmodel.to_record(new),
                                "metrics": MetricRecord({"num-examples": site.n,
                                                         "train_loss": loss})}), reply_to=msg)
 
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """model.kind=mgm: the global model's masked loss on the site's held-out patients and
+    their number (cfm.federated.pretrain); nothing else leaves the site."""
+    config, site = _checked_site(msg, context)
+    if not pretrain.is_mgm(config):
+        raise FederatedError("evaluate messages are for model.kind=mgm")
+    losses = {"loss": 0.0}
+    if site.heldout is not None:
+        losses = pretrain.heldout_loss(config, fmodel.from_record(msg.content["arrays"]), site)
+        pretrain.client_log(site.name, int(msg.content["config"]["server-round"]), losses)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.n_heldout,
+                                                        "heldout_loss": losses["loss"]})}),
+                   reply_to=msg)

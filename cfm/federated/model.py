@@ -4,7 +4,7 @@ conversions between its parameters and Flower's ArrayRecord.
 - `model.kind = "fusion"`: cfm.models.fusion.FusionModel on the site's omics vector (one token)
   and clinical tokens, the model of cfm.finetune's response / survival tasks;
   `"linear"`: one Dense layer on [omics, clinical] (logistic or Cox regression; convex, the
-  tests' reference problem).
+  tests' reference problem); `"mgm"`: an omics export's own model (cfm.federated.pretrain).
 - `local_update`: `train.local_steps` full-batch steps of the head's loss
   (cfm.finetune.losses) + `l2`/2 ||kernels||^2 + FedProx's `mu`/2 ||w - w_global||^2
   (Li et al. 2020, MLSys, "Federated Optimization in Heterogeneous Networks"), with optax SGD
@@ -87,6 +87,20 @@ def init_params(config: ml_collections.ConfigDict, n_features: int, n_clinical: 
     return jax.tree.map(np.asarray, nn.meta.unbox(params))
 
 
+def local_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """A site's optimiser (`train.optimizer`, `lr`, `weight_decay`), its state reset every
+    round."""
+    t = config.train
+    return optax.sgd(t.lr) if t.optimizer == "sgd" else optax.adamw(t.lr,
+                                                                     weight_decay=t.weight_decay)
+
+
+def proximal(params: dict, glob: dict) -> jax.Array:
+    """||params - glob||^2 over every leaf (FedProx's term, without its mu / 2)."""
+    return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(params),
+                                                      jax.tree.leaves(glob)))
+
+
 def _fns(config: ml_collections.ConfigDict) -> dict:
     t = config.train
     key = (json.dumps(config.model.to_dict(), sort_keys=True), config.head, t.optimizer,
@@ -94,16 +108,13 @@ def _fns(config: ml_collections.ConfigDict) -> dict:
     if key in _FNS:
         return _FNS[key]
     model, head = build(config), config.head
-    tx = optax.sgd(t.lr) if t.optimizer == "sgd" else optax.adamw(t.lr,
-                                                                   weight_decay=t.weight_decay)
+    tx = local_optimizer(config)
 
     def loss(params, glob, batch, tg, w, rng, mu):
         out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-        sq = lambda a, b: sum(jnp.sum((x - y) ** 2) for x, y in zip(  # noqa: E731
-            jax.tree.leaves(a), jax.tree.leaves(b)))
         kern = sum(jnp.sum(v ** 2) for k, v in flatten(params).items() if "kernel" in k)
         return (loss_fn(head, out, tg, w, 0.0) + 0.5 * t.l2 * kern
-                + 0.5 * mu * sq(params, glob))
+                + 0.5 * mu * proximal(params, glob))
 
     @jax.jit
     def update(glob, batch, tg, w, rng, mu):

@@ -13,7 +13,9 @@ eps=server.tau). Differential privacy (`dp.enabled`): every site's update w_k - 
 L2 norm `dp.clip` by Flower's `fixedclipping_mod` on the site, and the server adds Gaussian
 noise of std `dp.noise_multiplier * dp.clip / m` to the mean of the m updates (DP-FedAvg,
 McMahan et al. 2018, ICLR; Flower's `compute_stdv`); the (epsilon, delta) spent is Flower's
-RDP accountant's (dp-accounting), reported every round.
+RDP accountant's (dp-accounting), reported every round. With `secure_aggregation.enabled`
+the sites' updates are summed by Flower's SecAgg+ (cfm.federated.secagg): the server sees only
+masked, quantised updates and their weighted mean.
 
 A round whose replies number fewer than `server.min_sites` (a site died) is sent again when
 the sites are back: a killed client rejoins by starting again. The state (parameters,
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Callable
 
@@ -42,6 +43,8 @@ from flwr.serverapp import (GaussianPrivacyEvent, Grid, NeighboringRelation, Pri
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
 from cfm.federated import model as fmodel
+from cfm.federated import secagg
+from cfm.federated import pretrain
 from cfm.federated.sites import FederatedError, feature_names
 from cfm.finetune.fusion_data import split_list
 
@@ -77,9 +80,30 @@ def message_bytes(msg: Message) -> int:
 
 
 def _reason(reply: Message) -> str:
-    r = reply.error.reason or ""
-    m = re.search(r":<'(.*)'>$", r, re.S)
-    return (m.group(1) if m else r).strip()
+    return secagg.error_reason(reply.error.reason or "")
+
+
+def _plain_round(grid: Grid, contents: dict[int, RecordDict], r: int, timeout: float,
+                 flat: dict, equal: bool) -> secagg.RoundResult:
+    """One round without secure aggregation: each site's new parameters in the clear; the
+    mean update weighted by the sites' patients (`equal`: equal weights, under DP)."""
+    msgs = [Message(c, dst_node_id=n, message_type="train", group_id=str(r))
+            for n, c in contents.items()]
+    sent = sum(message_bytes(m) for m in msgs)
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    reasons = [_reason(x) for x in replies if x.has_error()]
+    ok = [x for x in replies if not x.has_error()]
+    if not ok:
+        return secagg.RoundResult(None, float("nan"), 0, sent, 0, reasons)
+    received = sum(message_bytes(x) for x in ok)
+    n_k = np.array([x.content["metrics"]["num-examples"] for x in ok], np.float64)
+    p = np.full(len(ok), 1.0 / len(ok)) if equal else n_k / n_k.sum()
+    news = [fmodel.flatten(fmodel.from_record(x.content["arrays"])) for x in ok]
+    deltas = [{k: new[k] - flat[k] for k in flat} for new in news]
+    mean = {k: sum(pi * d[k] for pi, d in zip(p, deltas)) for k in flat}
+    loss = float(sum(pk * x.content["metrics"]["train_loss"] for pk, x in
+                     zip(n_k / n_k.sum(), ok)))
+    return secagg.RoundResult(mean, loss, len(ok), sent, received, reasons)
 
 
 def _wait_for_sites(grid: Grid, n: int, timeout_s: float, log: Callable[[str], None]
@@ -113,7 +137,8 @@ class _State:
     """Parameters, optimiser state, round and accountant compositions; orbax-saved."""
 
     def __init__(self, config: ml_collections.ConfigDict, n_features: int, n_clinical: int):
-        self.params = fmodel.init_params(config, n_features, n_clinical)
+        self.params = (pretrain.init_params(config) if pretrain.is_mgm(config) else
+                       fmodel.init_params(config, n_features, n_clinical))
         self.tx = server_optimizer(config)
         self.opt = self.tx.init(self.params)
         self.round = 0
@@ -137,11 +162,14 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
                log: Callable[[str], None] = print) -> dict:
     """Federated training to `server.rounds` (resuming in `workdir`); returns the summary
     (also `workdir/result.json`; one JSON line a round in `workdir/history.jsonl`)."""
-    names = feature_names(config)
+    mgm = pretrain.is_mgm(config)  # continued masked-gene pretraining (cfm.federated.pretrain)
+    names = [] if mgm else feature_names(config)
     clinical = split_list(config.data.clinical) if config.data.source != "csv" else []
     sites = split_list(config.data.sites)
     s, dp = config.server, config.dp
     min_sites = int(s.min_sites) or len(sites)
+    if secagg.enabled(config):
+        secagg.check_config(config, len(sites))
     state = _State(config, len(names), len(clinical))
     os.makedirs(workdir, exist_ok=True)
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -154,10 +182,19 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
     if acct is not None and state.dp_rounds:
         acct.compose(GaussianPrivacyEvent(dp.noise_multiplier, len(sites), len(sites)),
                      count=state.dp_rounds)
-    fingerprint = fmodel.model_fingerprint(config, names)
+    fingerprint = (pretrain.fingerprint(config) if mgm else
+                   fmodel.model_fingerprint(config, names))
     rng = np.random.default_rng([int(config.seed), state.round])
     hist_path = os.path.join(workdir, "history.jsonl")
-    _truncate_history(hist_path, state.round)
+    _truncate_history(hist_path, state.round if state.round else -1)
+    if mgm and state.round == 0:  # the export's held-out loss, before any round
+        line = {"round": 0, **pretrain.evaluate_round(
+            grid, _wait_for_sites(grid, min_sites, s.wait_s, log), state.params, fingerprint,
+            0, s.round_timeout_s)}
+        with open(hist_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+        log(f"cfm.federated server: round 0: held-out masked loss "
+            f"{line.get('heldout_loss_mean')}")
     t_start, tries = time.time(), 0
     while state.round < s.rounds:
         r = state.round + 1
@@ -168,61 +205,62 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
         if dp.enabled:
             cfg[KEY_CLIPPING_NORM] = float(dp.clip)
         arrays = fmodel.to_record(state.params)
-        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(cfg)}),
-                        dst_node_id=n, message_type="train", group_id=str(r)) for n in nodes]
-        sent = sum(message_bytes(m) for m in msgs)
-        replies = list(grid.send_and_receive(msgs, timeout=s.round_timeout_s))
-        reasons = [_reason(x) for x in replies if x.has_error()]
+        contents = {n: RecordDict({"arrays": arrays, "config": ConfigRecord(cfg)})
+                    for n in nodes}
+        flat = fmodel.flatten(state.params)
+        if secagg.enabled(config):
+            got = secagg.secure_round(grid, contents, config, r, sorted(flat))
+        else:
+            got = _plain_round(grid, contents, r, s.round_timeout_s, flat, dp.enabled)
+        reasons = got.reasons
         for reason in reasons:
             if "model config differs" in reason or "has no data" in reason:
                 raise FederatedError(reason)
             log(f"cfm.federated server: round {r}: a site failed: {reason}")
-        ok = [x for x in replies if not x.has_error()]
-        if len(ok) < min_sites:
+        if got.mean is None or got.sites < min_sites:
             tries += 1
             if tries > s.max_retries:
-                raise FederatedError(f"round {r} failed {tries} times: {len(ok)} of "
+                raise FederatedError(f"round {r} failed {tries} times: {got.sites} of "
                                      f"{min_sites} sites replied ({'; '.join(reasons[:3])})")
-            log(f"cfm.federated server: round {r}: {len(ok)} of {min_sites} sites replied; "
+            log(f"cfm.federated server: round {r}: {got.sites} of {min_sites} sites replied; "
                 "sending the round again")
             continue
         tries = 0
-        received = sum(message_bytes(x) for x in ok)
-        n_k = np.array([x.content["metrics"]["num-examples"] for x in ok], np.float64)
-        p = np.full(len(ok), 1.0 / len(ok)) if dp.enabled else n_k / n_k.sum()
-        flat = fmodel.flatten(state.params)
-        deltas = [{k: fmodel.flatten(fmodel.from_record(x.content["arrays"]))[k] - flat[k]
-                   for k in flat} for x in ok]
-        mean = {k: sum(pi * d[k] for pi, d in zip(p, deltas)) for k in flat}
+        mean = got.mean
         if dp.enabled:
-            std = noise_std(config, len(ok))
+            std = noise_std(config, got.sites)
             mean = {k: v + rng.normal(0.0, std, v.shape).astype(v.dtype) for k, v in
                     mean.items()}
-            acct.compose(GaussianPrivacyEvent(dp.noise_multiplier, len(ok), len(sites)))
+            acct.compose(GaussianPrivacyEvent(dp.noise_multiplier, got.sites, len(sites)))
             state.dp_rounds += 1
         grad = fmodel.unflatten({k: -v for k, v in mean.items()})
         upd, state.opt = state.tx.update(grad, state.opt, state.params)
         state.params = jax.tree.map(np.asarray, optax.apply_updates(state.params, upd))
         state.round = r
-        loss = float(sum(pk * x.content["metrics"]["train_loss"] for pk, x in
-                         zip(n_k / n_k.sum(), ok)))
-        line = {"round": r, "sites": len(ok), "train_loss": round(loss, 6),
-                "bytes_sent": sent, "bytes_received": received,
+        loss = got.loss
+        line = {"round": r, "sites": got.sites, "train_loss": round(loss, 6),
+                "bytes_sent": got.sent, "bytes_received": got.received,
                 "wall_s": round(time.time() - t0, 3)}
         if acct is not None:
             line["epsilon"] = round(acct.get_epsilon(dp.delta), 4)
+        if mgm:
+            line.update(pretrain.evaluate_round(grid, nodes, state.params, fingerprint, r,
+                                                s.round_timeout_s))
         if r % max(1, s.checkpoint_every) == 0 or r == s.rounds:
             mngr.save(r, args=ocp.args.StandardSave(state.tree()))
             mngr.wait_until_finished()
         with open(hist_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
         if r == 1 or r % max(1, s.log_every) == 0 or r == s.rounds:
-            log(f"cfm.federated server: round {r}/{s.rounds}: {len(ok)} sites, loss "
-                f"{loss:.4f}, {sent + received} bytes, {line['wall_s']} s"
-                + (f", epsilon {line['epsilon']}" if "epsilon" in line else ""))
+            log(f"cfm.federated server: round {r}/{s.rounds}: {got.sites} sites, loss "
+                f"{loss:.4f}, {got.sent + got.received} bytes, {line['wall_s']} s"
+                + (f", epsilon {line['epsilon']}" if "epsilon" in line else "")
+                + (f", held-out masked loss {line.get('heldout_loss_mean')}" if mgm else ""))
     mngr.close()
     result = {"rounds": state.round, "strategy": s.strategy, "sites": sites,
               "wall_s": round(time.time() - t_start, 2)}
+    if mgm:
+        result["export"] = pretrain.write_export(config, state.params, workdir, state.round, log)
     if acct is not None:
         result["epsilon"] = acct.get_epsilon(dp.delta)
         result["delta"] = float(dp.delta)
