@@ -100,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 Image.fromarray(tile, "RGB").save(os.path.join(tmp, name))
                 count += 1
         for i in range(args.synthetic):
-            rng = np.random.default_rng([SYNTHETIC_SEED, i])
-            rgb, _ = draw_tile(CLASSES[i % len(CLASSES)], 64, 1.0, rng,
-                               od_scale=stain(rng, STAIN_SPREAD))
-            Image.fromarray(rgb, "RGB").save(os.path.join(tmp, f"he_{i:05d}.png"))
+            save_stained_tile(os.path.join(tmp, f"he_{i:05d}.png"), CLASSES[i % len(CLASSES)],
+                              [SYNTHETIC_SEED, i])
     print(f"demo_tiles: wrote {count} tiles of {args.tile} px (stride {args.stride})"
           + (f" and {args.synthetic} synthetic H&E-like tiles of 64 px" if args.synthetic else "")
           + f" to {out}")
@@ -112,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo_tiles: wrote {args.probe_per_class} labelled tiles of each of "
               f"{', '.join(CLASSES)} to {os.path.abspath(args.probe_out)}")
     return 0
+
+
+def save_stained_tile(path: str, label: str, seed: list[int], size: int = 64,
+                      mpp: float = 1.0) -> None:
+    """One synthetic H&E-like tile of class `label` (`size` px at `mpp` um/px) with its own
+    seeded stain (`STAIN_SPREAD`), saved as a PNG at `path`."""
+    rng = np.random.default_rng(seed)
+    rgb, _ = draw_tile(label, size, mpp, rng, od_scale=stain(rng, STAIN_SPREAD))
+    Image.fromarray(rgb, "RGB").save(path)
 
 
 def write_probe_set(out: str, per_class: int, size: int = 64, mpp: float = 1.0,
@@ -123,9 +130,8 @@ def write_probe_set(out: str, per_class: int, size: int = 64, mpp: float = 1.0,
         for c, label in enumerate(CLASSES):
             os.makedirs(os.path.join(tmp, label))
             for i in range(per_class):
-                rng = np.random.default_rng([seed, c, i])
-                rgb, _ = draw_tile(label, size, mpp, rng, od_scale=stain(rng, STAIN_SPREAD))
-                Image.fromarray(rgb, "RGB").save(os.path.join(tmp, label, f"{i:03d}.png"))
+                save_stained_tile(os.path.join(tmp, label, f"{i:03d}.png"), label, [seed, c, i],
+                                  size, mpp)
 
 
 if __name__ == "__main__":
