@@ -5,6 +5,8 @@ updates travel.
 - `cfm.federated.model`: the model, its jitted local step (FedProx term), ArrayRecord I/O.
 - `cfm.federated.pretrain`: `model.kind = "mgm"`, continued masked-gene pretraining of an
   omics export on the sites' omics tables (no labels); the final backbone becomes an export.
+- `cfm.federated.tiles`: `data.source = "tiles"`, a tile probe (cfm.finetune's linear head) on
+  sites of tile embeddings (cfm.embed folders with tile labels), held-out slides per site.
 - `cfm.federated.client`: the site's Flower ClientApp (DP clipping through Flower's mod).
 - `cfm.federated.server`: the round loop (FedAvg / FedProx / FedAdam through optax, DP noise
   and Flower's RDP accountant, orbax checkpoints and resume).

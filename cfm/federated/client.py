@@ -12,7 +12,8 @@ server's norm before the reply leaves. With secure aggregation on, Flower's `sec
 
 With `model.kind = "mgm"` (cfm.federated.pretrain) the site trains on its omics table, and
 also answers `evaluate` messages: the global model's masked-gene loss on its held-out patients
-and their number.
+and their number; with `data.source = "tiles"` (cfm.federated.tiles) it trains a tile probe on
+its tile embeddings and answers with its held-out tiles' loss, accuracy and balanced accuracy.
 
 Which site and config: the node config of the SuperNode (`cfm-config`, `cfm-overrides`,
 `site`; set by `python -m cfm.federated client`) or of the in-process grid.
@@ -34,7 +35,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cfm import config_loader
 from cfm.federated import model as fmodel
-from cfm.federated import pretrain
+from cfm.federated import pretrain, tiles
 from cfm.federated.secagg import secure_aggregation_mod
 from cfm.federated.sites import FederatedError, SiteData, feature_names, site_data
 
@@ -46,6 +47,9 @@ def load_site(spec: str, overrides: str, site: str) -> tuple[ml_collections.Conf
     config = config_loader.load_config(spec, shlex.split(overrides))
     if pretrain.is_mgm(config):  # continued masked-gene pretraining on the site's table
         return config, pretrain.site_data(config, site), pretrain.fingerprint(config)
+    if tiles.is_tiles(config):  # a tile probe on the site's tile embeddings
+        data = tiles.site_data(config, site)
+        return config, data, tiles.fingerprint(config, data.x.shape[1])
     names = feature_names(config)
     return config, site_data(config, site, names), fmodel.model_fingerprint(config, names)
 
@@ -94,7 +98,8 @@ def train(msg: Message, context: Context) -> Message:
     params = fmodel.from_record(msg.content["arrays"])
     seed = (int(config.seed) * 100003 + int(cfg["server-round"]) * 101
             + zlib.crc32(site.name.encode()) % 97)
-    update = pretrain.local_update if pretrain.is_mgm(config) else fmodel.local_update
+    update = (pretrain.local_update if pretrain.is_mgm(config) else
+              tiles.local_update if tiles.is_tiles(config) else fmodel.local_update)
     new, loss = update(config, params, site, float(cfg["mu"]), seed)
     return Message(RecordDict({"arrays": fmodel.to_record(new),
                                "metrics": MetricRecord({"num-examples": site.n,
@@ -103,15 +108,24 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """model.kind=mgm: the global model's masked loss on the site's held-out patients and
-    their number (cfm.federated.pretrain); nothing else leaves the site."""
+    """model.kind=mgm: the global model's masked loss on the site's held-out patients;
+    data.source=tiles: the global head's held-out loss, accuracy and balanced accuracy
+    (cfm.federated.tiles); with the number of held-out examples, nothing else."""
     config, site = _checked_site(msg, context)
+    r = int(msg.content["config"]["server-round"])
+    if tiles.is_tiles(config):
+        metrics = dict.fromkeys(tiles.METRICS, 0.0)
+        if site.n_heldout:
+            metrics = tiles.heldout_metrics(fmodel.from_record(msg.content["arrays"]), site)
+            tiles.client_log(site.name, r, metrics)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.n_heldout,
+                                                            **metrics})}), reply_to=msg)
     if not pretrain.is_mgm(config):
-        raise FederatedError("evaluate messages are for model.kind=mgm")
+        raise FederatedError("evaluate messages are for model.kind=mgm or data.source=tiles")
     losses = {"loss": 0.0}
     if site.heldout is not None:
         losses = pretrain.heldout_loss(config, fmodel.from_record(msg.content["arrays"]), site)
-        pretrain.client_log(site.name, int(msg.content["config"]["server-round"]), losses)
+        pretrain.client_log(site.name, r, losses)
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.n_heldout,
                                                         "heldout_loss": losses["loss"]})}),
                    reply_to=msg)

@@ -298,9 +298,10 @@ def heldout_loss(config: ml_collections.ConfigDict, params: dict, site: MGMSite)
 
 # ============================================================================ server side =====
 def evaluate_round(grid: Grid, nodes: list[int], params: dict, model: str, r: int,
-                   timeout_s: float) -> dict:
-    """Send the global `params` to every site (`evaluate` messages); the history fields
-    {heldout_loss: {node: loss}, heldout_loss_mean: weighted by held-out patients}."""
+                  timeout_s: float, keys: tuple[str, ...] = ("heldout_loss",)) -> dict:
+    """Send the global `params` to every site (`evaluate` messages); for each metric `key` the
+    sites reply with, the history fields {key: {node: value}, key_mean: weighted by held-out
+    examples} (model.kind=mgm: the masked loss; data.source=tiles: cfm.federated.tiles)."""
     arrays = fmodel.to_record(params)
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
         {"server-round": r, "model": model})}), dst_node_id=n, message_type="evaluate",
@@ -311,12 +312,16 @@ def evaluate_round(grid: Grid, nodes: list[int], params: dict, model: str, r: in
             raise FederatedError(f"round {r}: a site failed to evaluate: {x.error.reason}")
         m = x.content["metrics"]
         if m["num-examples"]:
-            got[str(x.metadata.src_node_id)] = (float(m["heldout_loss"]), m["num-examples"])
+            got[str(x.metadata.src_node_id)] = ({k: float(m[k]) for k in keys},
+                                                m["num-examples"])
     if not got:
         return {}
     n = sum(k for _, k in got.values())
-    return {"heldout_loss": {k: round(v, 6) for k, (v, _) in sorted(got.items())},
-            "heldout_loss_mean": round(sum(v * k for v, k in got.values()) / n, 6)}
+    out = {}
+    for key in keys:
+        out[key] = {node: round(v[key], 6) for node, (v, _) in sorted(got.items())}
+        out[f"{key}_mean"] = round(sum(v[key] * k for v, k in got.values()) / n, 6)
+    return out
 
 
 def write_export(config: ml_collections.ConfigDict, params: dict, workdir: str, rounds: int,

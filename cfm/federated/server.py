@@ -2,7 +2,9 @@
 
 Each round: wait for `server.min_sites` sites, send every site the global parameters (Flower
 `train` messages with an ArrayRecord and a ConfigRecord), aggregate the replies, step the
-global parameters with the server optimiser, checkpoint with orbax, log one history line.
+global parameters with the server optimiser, checkpoint with orbax, log one history line
+(model.kind=mgm and data.source=tiles: with the sites' held-out metrics, from `evaluate`
+messages before round 1 and after every round).
 
 Aggregation (Reddi et al. 2021, ICLR, "Adaptive Federated Optimization", Algorithm 1): the
 pseudo-gradient g = w - sum_k p_k w_k (p_k = n_k / n, the sites' patient shares; equal shares
@@ -44,7 +46,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
 from cfm.federated import model as fmodel
 from cfm.federated import secagg
-from cfm.federated import pretrain
+from cfm.federated import pretrain, tiles
 from cfm.federated.sites import FederatedError, feature_names
 from cfm.finetune.fusion_data import split_list
 
@@ -133,11 +135,20 @@ def _truncate_history(path: str, last_round: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _heldout(line: dict, tile: bool) -> str:
+    """The log's words for a history line's held-out means (mgm or tile probe)."""
+    if tile:
+        return (f"held-out accuracy {line.get('heldout_accuracy_mean')}, balanced "
+                f"{line.get('heldout_balanced_accuracy_mean')}")
+    return f"held-out masked loss {line.get('heldout_loss_mean')}"
+
+
 class _State:
     """Parameters, optimiser state, round and accountant compositions; orbax-saved."""
 
     def __init__(self, config: ml_collections.ConfigDict, n_features: int, n_clinical: int):
         self.params = (pretrain.init_params(config) if pretrain.is_mgm(config) else
+                       tiles.init_params(config, n_features) if tiles.is_tiles(config) else
                        fmodel.init_params(config, n_features, n_clinical))
         self.tx = server_optimizer(config)
         self.opt = self.tx.init(self.params)
@@ -163,14 +174,18 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
     """Federated training to `server.rounds` (resuming in `workdir`); returns the summary
     (also `workdir/result.json`; one JSON line a round in `workdir/history.jsonl`)."""
     mgm = pretrain.is_mgm(config)  # continued masked-gene pretraining (cfm.federated.pretrain)
-    names = [] if mgm else feature_names(config)
-    clinical = split_list(config.data.clinical) if config.data.source != "csv" else []
+    tile = tiles.is_tiles(config)  # a tile probe on tile embeddings (cfm.federated.tiles)
+    keys = tiles.METRICS if tile else ("heldout_loss",)  # what `evaluate` replies carry
+    names = [] if mgm or tile else feature_names(config)
+    clinical = (split_list(config.data.clinical)
+                if config.data.source not in ("csv", "tiles") else [])
     sites = split_list(config.data.sites)
     s, dp = config.server, config.dp
     min_sites = int(s.min_sites) or len(sites)
     if secagg.enabled(config):
         secagg.check_config(config, len(sites))
-    state = _State(config, len(names), len(clinical))
+    dim = tiles.server_dim(config) if tile else len(names)
+    state = _State(config, dim, len(clinical))
     os.makedirs(workdir, exist_ok=True)
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -183,18 +198,19 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
         acct.compose(GaussianPrivacyEvent(dp.noise_multiplier, len(sites), len(sites)),
                      count=state.dp_rounds)
     fingerprint = (pretrain.fingerprint(config) if mgm else
+                   tiles.fingerprint(config, dim) if tile else
                    fmodel.model_fingerprint(config, names))
     rng = np.random.default_rng([int(config.seed), state.round])
     hist_path = os.path.join(workdir, "history.jsonl")
     _truncate_history(hist_path, state.round if state.round else -1)
-    if mgm and state.round == 0:  # the export's held-out loss, before any round
+    line: dict = {}
+    if (mgm or tile) and state.round == 0:  # the held-out metrics before any round
         line = {"round": 0, **pretrain.evaluate_round(
             grid, _wait_for_sites(grid, min_sites, s.wait_s, log), state.params, fingerprint,
-            0, s.round_timeout_s)}
+            0, s.round_timeout_s, keys)}
         with open(hist_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
-        log(f"cfm.federated server: round 0: held-out masked loss "
-            f"{line.get('heldout_loss_mean')}")
+        log(f"cfm.federated server: round 0: {_heldout(line, tile)}")
     t_start, tries = time.time(), 0
     while state.round < s.rounds:
         r = state.round + 1
@@ -243,9 +259,9 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
                 "wall_s": round(time.time() - t0, 3)}
         if acct is not None:
             line["epsilon"] = round(acct.get_epsilon(dp.delta), 4)
-        if mgm:
+        if mgm or tile:
             line.update(pretrain.evaluate_round(grid, nodes, state.params, fingerprint, r,
-                                                s.round_timeout_s))
+                                                s.round_timeout_s, keys))
         if r % max(1, s.checkpoint_every) == 0 or r == s.rounds:
             mngr.save(r, args=ocp.args.StandardSave(state.tree()))
             mngr.wait_until_finished()
@@ -255,10 +271,12 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
             log(f"cfm.federated server: round {r}/{s.rounds}: {got.sites} sites, loss "
                 f"{loss:.4f}, {got.sent + got.received} bytes, {line['wall_s']} s"
                 + (f", epsilon {line['epsilon']}" if "epsilon" in line else "")
-                + (f", held-out masked loss {line.get('heldout_loss_mean')}" if mgm else ""))
+                + (f", {_heldout(line, tile)}" if mgm or tile else ""))
     mngr.close()
     result = {"rounds": state.round, "strategy": s.strategy, "sites": sites,
               "wall_s": round(time.time() - t_start, 2)}
+    if tile:
+        result.update({f"final_{k}_mean": line.get(f"{k}_mean") for k in keys})
     if mgm:
         result["export"] = pretrain.write_export(config, state.params, workdir, state.round, log)
     if acct is not None:
