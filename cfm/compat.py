@@ -164,9 +164,11 @@ def check_omics(spec: ModelSpec, data: str, trust_data: bool = False) -> str:
                                       int(manifest["n_bins"]))
     if bad:
         stats = model_stats["expression"]
-        raise _differ(spec.path, data, "normalisation: " + "; ".join(bad) + hint
-                      + f" --expression-transform {stats.get('transform')} --clip "
-                        f"{stats.get('clip')} --n-bins {n_bins}")
+        transform = stats.get("transform")
+        how = (" --normalise per-input --expression-transform <your table's transform>"
+               if transform == "per-input" else f" --expression-transform {transform}")
+        raise _differ(spec.path, data, "normalisation: " + "; ".join(bad) + hint + how
+                      + f" --clip {stats.get('clip')} --n-bins {n_bins}")
     return (f"vocabulary ({len(model_genes)} genes) and normalisation (transform "
             f"{model_stats['expression'].get('transform')}, {n_bins} bins) match {ref}; "
             f"{note}")

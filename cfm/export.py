@@ -103,6 +103,19 @@ def data_manifests(data_cfg: dict) -> tuple[dict, list[dict] | None, str | None]
 OMICS_FILES = ("vocab.tsv", "stats.json", "manifest.json")  # copied from the prepared folder
 
 
+def _omics_sources(root: str) -> dict:
+    """What the model saw, from the prepared folder's manifest.json: the normalisation, the
+    sample count and, per source (data_prep.prepare_omics `sources`), its inputs, samples and
+    genes per modality."""
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    keep = ("inputs", "transform", "samples", "samples_per_split", "genes_per_modality")
+    return {"normalise": manifest.get("normalise", "pooled"),
+            "samples": sum(s["samples"] for s in manifest["splits"].values()),
+            "genes_per_modality": manifest.get("genes_per_modality"),
+            "sources": [{k: s.get(k) for k in keep} for s in manifest.get("sources", [])]}
+
+
 def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     """config.json of an omics (masked gene modelling) export: the vocabulary and statistics
     travel with the weights, since token ids and normalisation mean nothing without them."""
@@ -124,6 +137,7 @@ def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
             "step": int(step), "training_config": config, "cfm_version": cfm_version(),
             "data_manifests": [{"path": n, "sha256": _sha256(os.path.join(root, n))}
                                for n in found],
+            "training_data": _omics_sources(root) if "manifest.json" in found else None,
             "export_time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "weights": "the network's backbone (masked gene modelling has no teacher)",
@@ -258,6 +272,20 @@ def _cast(tree: dict, dtype: str) -> dict:
             for k, v in tree.items()}
 
 
+def _seen(data: dict | None) -> str:
+    """` on N samples from K sources (expression z-scored per source): a (n samples; genes
+    per modality), ...` for the README, or nothing where the manifest was not exported."""
+    if not data:
+        return ""
+    parts = [f"{s['inputs']} ({s['samples']} samples; " + ", ".join(
+        f"{m} {n}" for m, n in (s["genes_per_modality"] or {}).items()) + ")"
+        for s in data["sources"]]
+    norm = ("expression z-scored per source" if data["normalise"] == "per-input"
+            else "expression z-scored with statistics pooled over all sources")
+    return (f" on {data['samples']} samples from {len(parts)} sources ({norm}): "
+            + "; ".join(parts) if parts else f" on {data['samples']} samples")
+
+
 def _omics_readme(info: dict, out: str) -> str:
     arch, prov, prep = info["architecture"], info["provenance"], info["preprocessing"]
     missing = [n for n in OMICS_FILES if n not in prep["files"]]
@@ -265,14 +293,17 @@ def _omics_readme(info: dict, out: str) -> str:
     lacking = (f"This export lacks {', '.join(missing)} ({why}): prepare new tables "
                "with the vocabulary and statistics of the run's own prepared data.\n\n"
                if missing else "")
+    per_input = (" --normalise per-input" if (prov.get("training_data") or {}).get("normalise")
+                 == "per-input" else "")
     return (f"# cfm {arch['variant']} omics encoder, step {prov['step']}\n\n"
             f"Exported by `python -m cfm.export` (cfm {prov['cfm_version']}) on "
             f"{prov['export_time_utc']} as `{info['export']['format']}`, "
             f"{info['export']['dtype']} weights. Width {arch['width']}, depth {arch['depth']}, "
             f"{arch['heads']} heads, vocabulary {arch['vocab_size']}, values "
-            f"{arch['value_encoding']}. Pretrained by masked gene modelling.\n\n"
+            f"{arch['value_encoding']}. Pretrained by masked gene modelling"
+            f"{_seen(prov.get('training_data'))}.\n\n"
             f"{lacking}Prepare tables with `python -m data_prep.prepare_omics --vocab "
-            f"{os.path.join(out, 'vocab.tsv')} ...`, then\n\n"
+            f"{os.path.join(out, 'vocab.tsv')}{per_input} ...`, then\n\n"
             f"```bash\npython -m cfm.embed --model {out} --omics PREPARED --out EMB\n```\n\n"
             "or in JAX:\n\n```python\nimport cfm\n"
             f"model, params = cfm.load_pretrained({out!r})\n"

@@ -2,7 +2,8 @@
 
     python -m data_prep.prepare_omics --input FILE[:MODALITY] [--input ...] --out DIR
         --expression-transform {log1p,cpm_log1p,tpm_log1p,signed_log1p,none}
-        [--clinical FILE] [--patient-column NAME] [--vocab VOCAB.tsv] [--overwrite] ...
+        [--normalise pooled|per-input] [--source-ids] [--clinical FILE]
+        [--patient-column NAME] [--vocab VOCAB.tsv] [--overwrite] ...
 
 Inputs: CSV/TSV (gzip ok), Parquet, AnnData .h5ad (layouts: `data_prep.omics_tables`). MODALITY
 is expression, mutation or cnv; without it, columns named `<GENE>_rnaseq/_mut/_cnv`
@@ -17,12 +18,15 @@ multi-omics tables stack, `expr.csv:expression mut.csv:mutation` join. --combine
 force one or the other. A sample has tokens for the features its group has; one gene has one id
 across modalities (TP53_mut and TP53_rnaseq share TP53's id).
 
-Values: expression goes through --expression-transform (per file), then is z-scored per gene
-with the mean and (population) std of the TRAINING split only (std floored at --std-floor so
-constant genes stay finite; a gene with no training value gets no tokens) and clipped to
-+-clip; its class is its quantile bin: --n-bins bins whose
-n_bins - 1 edges are quantiles of all training expression z-scores, class = number of edges
-<= value. Mutation: 0/1 (class = value). CNV: call -2..2 (class = call + 2).
+Values: expression goes through --expression-transform (per file; given once per --input, each
+input its own), then is z-scored per gene with the mean and (population) std of the TRAINING
+split only (std floored at --std-floor so constant genes stay finite; a gene with no training
+value gets no tokens) and clipped to +-clip. --normalise pooled fits one mean/std per gene over
+all inputs; --normalise per-input fits them per source (each stacked input on its own: studies
+measure on different scales, see data_prep.omics_stats), and stats.json lists every source's.
+Its class is its quantile bin: --n-bins bins whose n_bins - 1 edges are quantiles of all
+training expression z-scores, class = number of edges <= value. Mutation: 0/1 (class = value).
+CNV: call -2..2 (class = call + 2).
 --n-bins 51 follows scGPT's value binning (Cui et al., Nat Methods 2024; its released
 checkpoints were trained with n_bins=51, their args.json; scGPT's edges are per cell, ours are
 global over the training split so a class means the same z-score in every sample): each bin
@@ -33,6 +37,10 @@ Splits: by patient (--patient-column; default: each sample is its own patient); 
 to test if u < test_fraction, to val if u < test_fraction + val_fraction, else to train, where
 u = first 8 bytes of sha256("seed:patient") / 2^64. A patient's split does not depend on the
 other patients, so adding data later never moves anyone between splits.
+
+Several studies in one corpus (TCGA + every ICB cohort: docs/omics.md, configs/omics_mgm.py:pan):
+--source-ids makes sample ids `<file name>:<id>` where studies reuse ids; the manifest's
+`sources` says what each source gave (samples per split, genes per modality, transform).
 
 Output (--out, written to a temp folder beside it and renamed at the end): `{split}-IIIII-of-
 NNNNN.arrayrecord` shards of `cfm.data.omics_records` records, `vocab.tsv`, `stats.json`,
@@ -58,68 +66,17 @@ from cfm.atomic import atomic_folder
 from cfm.data.omics_records import MODALITIES, encode_sample
 from cfm.data.omics_source import FORMAT
 from cfm.version import cfm_version
+from data_prep import omics_sources
 from data_prep import omics_tables as ot
 from data_prep.cli import parse_args
 from data_prep.omics_combine import combine, dedupe
 from data_prep.omics_files import OmicsInputError, log, read_clinical
+from data_prep.omics_stats import NORMALISE, bin_edges, fit_expression, fit_per_source
 from data_prep.omics_values import TRANSFORMS, check_values, fill_missing, transform_expression
 from data_prep.omics_vocab import build_vocab, map_genes
 from data_prep.shard_io import ShardWriter, _file_sha256, balanced_sizes
 
 SPLITS = ("train", "val", "test")
-MAX_BIN_SAMPLE = 20_000_000  # z-scores used for the bin quantiles (random subset beyond this)
-
-
-# ----------------------------------------------------------------------------- statistics
-def fit_expression(groups_data, vocab_size: int, std_floor: float, clip: float,
-                   repairs: dict) -> dict:
-    """Per-gene mean/std over training samples; z-scores and clips every group in place."""
-    total = np.zeros(vocab_size)
-    count = np.zeros(vocab_size)
-    for values, genes, mods, train in groups_data:
-        cols = np.flatnonzero(mods == 0)
-        block = values[train][:, cols]
-        np.add.at(total, genes[cols], np.nansum(block, axis=0))
-        np.add.at(count, genes[cols], (~np.isnan(block)).sum(axis=0))
-    mean = np.divide(total, count, out=np.zeros(vocab_size), where=count > 0)
-    sq = np.zeros(vocab_size)
-    for values, genes, mods, train in groups_data:
-        cols = np.flatnonzero(mods == 0)
-        block = values[train][:, cols] - mean[genes[cols]]
-        np.add.at(sq, genes[cols], np.nansum(block * block, axis=0))
-    raw_std = np.sqrt(np.divide(sq, count, out=np.zeros(vocab_size), where=count > 0))
-    std = np.maximum(raw_std, std_floor)
-    fitted = np.flatnonzero(count > 0)
-    floored = int((raw_std[fitted] < std_floor).sum())
-    if floored:
-        repairs["genes with std < --std-floor (std floored)"] = floored
-    unfitted = set()
-    for values, genes, mods, _ in groups_data:
-        cols = np.flatnonzero(mods == 0)
-        orphan = cols[count[genes[cols]] == 0]
-        unfitted |= set(genes[orphan].tolist())
-        values[:, orphan] = np.nan  # no training value: no statistics, no tokens
-        cols = cols[count[genes[cols]] > 0]
-        values[:, cols] = np.clip((values[:, cols] - mean[genes[cols]]) / std[genes[cols]],
-                                  -clip, clip)
-    if unfitted:
-        repairs["expression genes without training values (tokens dropped)"] = len(unfitted)
-    return {"genes": fitted.tolist(), "mean": mean[fitted].tolist(),
-            "std": std[fitted].tolist(), "std_floored": floored}
-
-
-def bin_edges(groups_data, n_bins: int, seed: int) -> np.ndarray:
-    """n_bins - 1 quantile edges of the training expression z-scores (as float32 values)."""
-    chunks = []
-    for values, _, mods, train in groups_data:
-        block = values[train][:, mods == 0].astype(np.float32).ravel()
-        chunks.append(block[~np.isnan(block)])
-    pooled = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    if not len(pooled):
-        return np.zeros(0)
-    if len(pooled) > MAX_BIN_SAMPLE:
-        pooled = np.random.default_rng(seed).choice(pooled, MAX_BIN_SAMPLE, replace=False)
-    return np.quantile(pooled.astype(np.float64), np.arange(1, n_bins) / n_bins)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -147,8 +104,8 @@ def read_inputs(args) -> tuple[list, list, dict | None]:
     clinical_columns = tuple(c for c in (args.clinical_columns or "").split(",") if c)
     layout = {"auto": "auto", "samples_by_genes": "samples x genes",
               "genes_by_samples": "genes x samples"}[args.orientation]
-    tables = []
-    for spec in args.input:
+    tables, transforms = [], omics_sources.input_transforms(args)
+    for spec, transform in zip(args.input, transforms):
         path, modality = ot.split_input_spec(spec)
         t0 = time.time()
         table = ot.read_table(path, modality, orientation=layout, suffix_map=suffix_map,
@@ -158,12 +115,14 @@ def read_inputs(args) -> tuple[list, list, dict | None]:
         counts = {m: len(table.columns_of(m)) for m in table.modalities()}
         log(f"read {table.name} ({table.layout}): {len(table.sample_ids)} samples, features "
             f"{counts}, {table.clinical.shape[1]} clinical columns ({time.time() - t0:.1f} s)")
-        if "expression" in counts and args.expression_transform is None:
+        if "expression" in counts and transform is None:
             raise OmicsInputError(f"{path} has expression values: choose "
                                   "--expression-transform (log1p for counts, cpm_log1p, "
                                   "tpm_log1p, signed_log1p for z-score-like tables such as "
                                   "TCGA _rnaseq, none for values already on a log scale)")
-        check_values(table, args.fill_missing, args.expression_transform)
+        check_values(table, args.fill_missing, transform)
+        if args.source_ids:
+            omics_sources.prefix_ids(table, args.patient_column)
         tables.append(table)
     extra = [(p, *read_clinical(p, args.clinical_sample_column)) for p in args.clinical]
     lengths = ot.read_gene_lengths(args.gene_lengths) if args.gene_lengths else None
@@ -201,13 +160,13 @@ def patients_of(args, tables, extra, clinical) -> list[str]:
 def group_matrices(args, tables, groups, group_ids, gene_ids, split_of, lengths, repairs):
     """Per group (values [samples, features], gene ids, modality indices, train mask): missing
     cells filled, expression transformed, duplicates resolved."""
-    filled = 0
+    filled, transforms = 0, omics_sources.input_transforms(args)
     for g, group in enumerate(groups):
         train_rows = np.array([split_of[s] == "train" for s in group_ids[g]])
         for k in group:
             filled += fill_missing(tables[k], args.fill_missing, train_rows)
-            if args.expression_transform:
-                transform_expression(tables[k], args.expression_transform, lengths)
+            if transforms[k]:
+                transform_expression(tables[k], transforms[k], lengths)
     if filled:
         repairs[f"--fill-missing {args.fill_missing}: cells filled"] = filled
     skipped = sum(int(np.isnan(t.values).sum()) for t in tables)
@@ -268,16 +227,25 @@ def prepare(args, out_tmp: str) -> dict:
     gene_ids = map_genes(tables, vocab, args.drop_unknown_genes, repairs)
     groups_data = group_matrices(args, tables, groups, group_ids, gene_ids, split_of, lengths,
                                  repairs)
-    expression = fit_expression(groups_data, len(vocab), args.std_floor, args.clip, repairs)
-    edges = bin_edges(groups_data, args.n_bins, args.seed)
     where = [", ".join(tables[k].name for k in group) for group in groups]
+    transforms = [omics_sources.group_transform(omics_sources.input_transforms(args), group,
+                                                tables) for group in groups]
+    if args.normalise == "per-input":
+        expression = fit_per_source(groups_data, where, transforms, len(vocab),
+                                    args.std_floor, args.clip, repairs)
+    else:
+        expression = fit_expression(groups_data, len(vocab), args.std_floor, args.clip, repairs)
+    edges = bin_edges(groups_data, args.n_bins, args.seed)
+    sources = omics_sources.summary(groups_data, where, split_of, group_ids, transforms)
     writers = {s: split_writer(out_tmp, s, splits.count(s), args.samples_per_shard)
                for s in SPLITS}
     max_tokens, present = write_records(groups_data, group_ids, edges, split_of, patient_of,
                                         where, writers)
 
     _write(out_tmp, "vocab.tsv", vocab.tsv())
-    stats = {"expression": {"transform": args.expression_transform, "clip": args.clip,
+    transform = ("per-input" if args.normalise == "per-input"
+                 else (args.expression_transform or [None])[0])
+    stats = {"expression": {"transform": transform, "clip": args.clip,
                             "std_floor": args.std_floor, **expression},
              "bin_edges": [float(e) for e in edges], "n_bins": args.n_bins}
     _write(out_tmp, "stats.json", json.dumps(stats).encode("utf-8"))
@@ -304,6 +272,7 @@ def prepare(args, out_tmp: str) -> dict:
                        "patients": len({p for p, x in zip(patients, splits) if x == s})}
                    for s in SPLITS},
         "genes_per_modality": genes_per_modality, "groups": where, "repairs": repairs,
+        "normalise": args.normalise, "sources": sources,
         "inputs": inputs, "options": vars(args),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cfm_version": cfm_version(), "seconds": round(time.time() - start, 2)}
@@ -352,9 +321,17 @@ def _parser() -> argparse.ArgumentParser:
                    "average")
     p.add_argument("--fill-missing", default="error", choices=("error", "zero", "median", "skip"),
                    help="what to do with missing values")
-    p.add_argument("--expression-transform", default=None, choices=TRANSFORMS,
-                   help="transform of expression values (default: none given; required when "
-                   "an input has expression)")
+    p.add_argument("--expression-transform", action="append", default=None,
+                   choices=TRANSFORMS,
+                   help="transform of expression values: once for every input, or once per "
+                   "--input in order (default: none given; required when an input has "
+                   "expression)")
+    p.add_argument("--normalise", default="pooled", choices=NORMALISE,
+                   help="expression z-scores with statistics pooled over all inputs, or per "
+                   "source (per-input: each stacked input its own training mean/std)")
+    p.add_argument("--source-ids", action="store_true",
+                   help="prefix each sample id with its file name (<name>:<id>), for studies "
+                   "that reuse ids such as Pt1 (stacked inputs only)")
     p.add_argument("--gene-lengths", default=None,
                    help="gene, length (bp) table for TPM (default: none; tpm_log1p needs it)")
     p.add_argument("--std-floor", type=float, default=0.01,
@@ -382,6 +359,9 @@ def _usage_error(args) -> str | None:
         return "--samples-per-shard must be >= 1"
     if args.drop_unknown_genes and not args.vocab:
         return "--drop-unknown-genes needs --vocab"
+    problem = omics_sources.usage_error(args)
+    if problem:
+        return problem
     out = os.path.abspath(args.out)
     if os.path.exists(out):
         if not args.overwrite:
