@@ -31,6 +31,17 @@ Presets:
     python -m cfm.federated local --config configs/federated.py:tiles_test \
         --config.data.path=SITES --workdir /tmp/fed_tiles
   (tests/test_federated_tiles.py: within 0.01 of scikit-learn's pooled fit in 80 rounds.)
+- `dino_test`: continued DINOv2 pretraining (cfm.federated.dino) of a ViT export, no labels:
+  each site a tile folder `<data.path>/<site>/` as cfm.train reads it (`data.tile_source`:
+  shards of data_prep.tile_wsi, or image files as data_prep.demo_tiles writes), a quarter of
+  its tiles held out with fixed crops; 2 rounds of 2 DINOv2 steps of 4 images; student, teacher
+  and centers averaged; the final teacher backbone written as an export to WORKDIR/export:
+    python -m data_prep.demo_tiles --out /tmp/fed_dino/a --synthetic 16 --tile 64 --stride 448
+    python -m data_prep.demo_tiles --out /tmp/fed_dino/b --synthetic 16 --tile 64 --stride 448
+    python -m cfm.federated local --config configs/federated.py:dino_test \
+        --config.data.path=/tmp/fed_dino --config.data.tile_source=folder \
+        --config.model.init_from=tests/fixtures/v0_1/dino_export --workdir /tmp/fed_dino/run
+  (tests/test_federated_dino.py; docs/federated.md has its figures.)
 
 Figures (benchmarks/federated.py; docs/federated.md has the tables): federated AUC / c-index
 against centralised and site-local training on the same leave-one-cohort-out splits.
@@ -120,9 +131,11 @@ def get_config(arg: str = "icb") -> ml_collections.ConfigDict:
         _mgm(c, arg)
     elif arg == "tiles_test":
         _tiles(c)
+    elif arg == "dino_test":
+        _dino(c)
     else:
-        raise ValueError(f"unknown preset {arg!r}: use icb, tcga, test, tcga_mgm, mgm_test or "
-                         "tiles_test")
+        raise ValueError(f"unknown preset {arg!r}: use icb, tcga, test, tcga_mgm, mgm_test, "
+                         "tiles_test or dino_test")
     return c
 
 
@@ -134,6 +147,8 @@ def _mgm(c: ml_collections.ConfigDict, arg: str) -> None:
     c.data.path = "../shared/data/tcga"
     c.data.table = "tcga_{site}_multiomics.csv.gz"
     c.data.patient_column = "case_id"   # split by patient ("" = each row its own patient)
+    c.data.expression_transform = ""    # the sites' tables' transform; "" = the export's (a
+    #                                     per-source export, e.g. omics_mgm.py:pan, needs it)
     c.data.sites = "blca,luad,kirc"
     c.data.test_cohort = ""
     c.data.clinical = ""
@@ -157,6 +172,30 @@ def _mgm(c: ml_collections.ConfigDict, arg: str) -> None:
         c.server.checkpoint_every = 10
         c.server.wait_s = 60.0
         c.server.round_timeout_s = 120.0
+
+
+def _dino(c: ml_collections.ConfigDict) -> None:
+    """Continued DINOv2 pretraining (cfm.federated.dino): the model is the export's."""
+    c.model.kind = "dino"
+    c.model.init_from = ""              # a ViT export (python -m cfm.export) or workdir
+    c.data.source = "tiles_ssl"         # <data.path>/<site>/: tiles as cfm.train reads them
+    c.data.tile_source = "shards"       # shards (data_prep.tile_wsi) | folder (image files)
+    c.data.path = ""
+    c.data.sites = "a,b"
+    c.data.test_cohort = ""
+    c.data.clinical = ""
+    c.data.holdout = 0.25               # held-out tiles of each site (whole batches; the loss)
+    c.train.batch_size = 4              # images (2 global + local crops each) per local step
+    c.train.local_steps = 2
+    c.train.lr = 1e-3                   # peak lr (no batch-size scaling)
+    c.train.weight_decay = 0.04         # DINOv2's initial weight decay
+    c.train.warmup_rounds = 0           # rounds of linear lr warm-up
+    c.server.rounds = 2
+    c.server.log_every = 1
+    c.server.checkpoint_every = 10
+    c.server.wait_s = 60.0
+    c.server.round_timeout_s = 120.0
+    c.server.export_format = "safetensors"  # of WORKDIR/export: safetensors | orbax
 
 
 def _tiles(c: ml_collections.ConfigDict) -> None:

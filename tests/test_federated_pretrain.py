@@ -62,12 +62,19 @@ def setting(tmp_path_factory):
     export.write_export(str(exp), c.to_dict(), jax.tree.map(
         np.asarray, nn.meta.unbox(params["backbone"])), 0)
     ov = [f"--config.data.path={d}", f"--config.model.init_from={exp}"]
-    g = grid.LocalGrid({100 + i: (client.app, {"cfm-config": SPEC, "cfm-overrides": " ".join(ov),
-                                               "site": s}) for i, s in enumerate(SITES)})
-    config = config_loader.load_config(SPEC, ov)
-    work = d / "fed"
-    res = server.run_server(g, config, str(work), log=lambda m: None)
-    return d, exp, res, g, config, work
+    res, g, config = federate(SPEC, {s: ov for s in SITES}, d / "fed")
+    return d, exp, res, g, config, d / "fed"
+
+
+def federate(spec: str, overrides: dict, work) -> tuple:
+    """(result, grid, config) of cfm.federated's server loop in `work` on the in-process grid,
+    site k of `overrides` ({site: its --config overrides}) node 100 + k; the server reads the
+    first site's overrides."""
+    g = grid.LocalGrid({100 + i: (client.app, {"cfm-config": spec, "site": s,
+                                               "cfm-overrides": " ".join(ov)})
+                        for i, (s, ov) in enumerate(overrides.items())})
+    config = config_loader.load_config(spec, next(iter(overrides.values())))
+    return server.run_server(g, config, str(work), log=lambda m: None), g, config
 
 
 def test_heldout_masked_loss_falls_at_every_site(setting):
@@ -132,8 +139,15 @@ def test_final_export_loads_like_a_cfm_train_export(setting, tmp_path):
     ("/nonexistent/export", "does not exist"),
 ])
 def test_bad_init_from_is_refused_in_one_line(init_from, needle, tmp_path, capsys):
+    assert_refused(SPEC, init_from, needle, tmp_path, capsys)
+
+
+def assert_refused(spec: str, init_from: str, needle: str, tmp_path, capsys) -> None:
+    """`python -m cfm.federated local` of `spec` with model.init_from `init_from` (a path
+    under tests/ is taken from the repository root) exits 2 with one line holding `needle`,
+    before it makes the workdir."""
     path = str(ROOT / init_from) if init_from.startswith("tests") else init_from
-    rc = fed_main.main(["cfm.federated", "local", "--config", SPEC, "--workdir",
+    rc = fed_main.main(["cfm.federated", "local", "--config", spec, "--workdir",
                         str(tmp_path / "w"), f"--config.model.init_from={path}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and "\n" not in err, err

@@ -93,13 +93,15 @@ def mask_buffer_size_for(config, patch_size: int) -> int:
 
 
 def make_train_iterator(config, *, patch_size: int, process_index: int = 0,
-                        process_count: int = 1, start_step: int = 0
+                        process_count: int = 1, start_step: int = 0, source=None
                         ) -> Iterator[dict[str, np.ndarray]]:
     """Endless iterator of this host's training batches, starting at step `start_step`.
 
     Each batch is a dict of numpy arrays with b = batch_size / process_count samples:
     global_crops uint8 [b, 2, G, G, 3], local_crops uint8 [b, n_local, L, L, 3] and masks
     bool [b, 2, (G / patch_size)**2] (True = patch hidden from the student, iBOT).
+    `source`: a random-access image source to read instead of `config.data`'s (cfm.federated's
+    DINOv2 sites pass their training tiles without the held-out ones).
     """
     b = host_stream.host_batch_size(config.batch_size, process_index, process_count)
     if start_step < 0:
@@ -107,7 +109,8 @@ def make_train_iterator(config, *, patch_size: int, process_index: int = 0,
     seed = _check_seed(config.seed)
     grid = _grid(config, patch_size)
 
-    ds = host_stream.shuffled_repeat(make_source(config.data, seed), seed)
+    source = make_source(config.data, seed) if source is None else source
+    ds = host_stream.shuffled_repeat(source, seed)
     ds = ds.map_with_index(_Augment(MultiCrop(config.crops, config.augment), seed))
     ds = ds.batch(b, drop_remainder=True)
     ds = ds.map_with_index(_AttachMasks(config, grid, process_count))

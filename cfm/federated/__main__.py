@@ -53,6 +53,9 @@ def _main(argv: list[str]) -> int:
     if config.model.kind == "mgm":  # refuse a missing or wrong export before any process
         from cfm.federated import pretrain
         pretrain.check_init_from(config)
+    if config.model.kind == "dino":
+        from cfm.federated import dino
+        dino.check_init_from(config)
     if mode == "server":
         errors.check_workdir(fv.workdir)
         res = deploy.serve(spec, overrides, fv.workdir, config.server.address)

@@ -12,7 +12,8 @@ server's norm before the reply leaves. With secure aggregation on, Flower's `sec
 
 With `model.kind = "mgm"` (cfm.federated.pretrain) the site trains on its omics table, and
 also answers `evaluate` messages: the global model's masked-gene loss on its held-out patients
-and their number; with `data.source = "tiles"` (cfm.federated.tiles) it trains a tile probe on
+and their number (`model.kind = "dino"`, cfm.federated.dino: DINOv2 on its tiles, the held-out
+tiles' DINOv2 loss); with `data.source = "tiles"` (cfm.federated.tiles) it trains a tile probe on
 its tile embeddings and answers with its held-out tiles' loss, accuracy and balanced accuracy.
 
 Which site and config: the node config of the SuperNode (`cfm-config`, `cfm-overrides`,
@@ -35,7 +36,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cfm import config_loader
 from cfm.federated import model as fmodel
-from cfm.federated import pretrain, tiles
+from cfm.federated import dino, pretrain, tiles
 from cfm.federated.secagg import secure_aggregation_mod
 from cfm.federated.sites import FederatedError, SiteData, feature_names, site_data
 
@@ -45,6 +46,8 @@ def load_site(spec: str, overrides: str, site: str) -> tuple[ml_collections.Conf
                                                                SiteData, str]:
     """(config, the site's data, its model keys) of a node config; cached per process."""
     config = config_loader.load_config(spec, shlex.split(overrides))
+    if dino.is_dino(config):  # continued DINOv2 pretraining on the site's tiles
+        return config, dino.site_data(config, site), dino.fingerprint(config)
     if pretrain.is_mgm(config):  # continued masked-gene pretraining on the site's table
         return config, pretrain.site_data(config, site), pretrain.fingerprint(config)
     if tiles.is_tiles(config):  # a tile probe on the site's tile embeddings
@@ -98,9 +101,13 @@ def train(msg: Message, context: Context) -> Message:
     params = fmodel.from_record(msg.content["arrays"])
     seed = (int(config.seed) * 100003 + int(cfg["server-round"]) * 101
             + zlib.crc32(site.name.encode()) % 97)
-    update = (pretrain.local_update if pretrain.is_mgm(config) else
-              tiles.local_update if tiles.is_tiles(config) else fmodel.local_update)
-    new, loss = update(config, params, site, float(cfg["mu"]), seed)
+    if dino.is_dino(config):  # its schedules follow the federation's global step
+        new, loss = dino.local_update(config, params, site, float(cfg["mu"]), seed,
+                                      int(cfg["server-round"]))
+    else:
+        update = (pretrain.local_update if pretrain.is_mgm(config) else
+                  tiles.local_update if tiles.is_tiles(config) else fmodel.local_update)
+        new, loss = update(config, params, site, float(cfg["mu"]), seed)
     return Message(RecordDict({"arrays": fmodel.to_record(new),
                                "metrics": MetricRecord({"num-examples": site.n,
                                                         "train_loss": loss})}), reply_to=msg)
@@ -120,12 +127,14 @@ def evaluate(msg: Message, context: Context) -> Message:
             tiles.client_log(site.name, r, metrics)
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.n_heldout,
                                                             **metrics})}), reply_to=msg)
-    if not pretrain.is_mgm(config):
-        raise FederatedError("evaluate messages are for model.kind=mgm or data.source=tiles")
+    pre = dino if dino.is_dino(config) else pretrain if pretrain.is_mgm(config) else None
+    if pre is None:
+        raise FederatedError("evaluate messages are for model.kind=mgm or dino, or "
+                             "data.source=tiles")
     losses = {"loss": 0.0}
-    if site.heldout is not None:
-        losses = pretrain.heldout_loss(config, fmodel.from_record(msg.content["arrays"]), site)
-        pretrain.client_log(site.name, r, losses)
+    if site.n_heldout:
+        losses = pre.heldout_loss(config, fmodel.from_record(msg.content["arrays"]), site)
+        pre.client_log(site.name, r, losses)
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.n_heldout,
                                                         "heldout_loss": losses["loss"]})}),
                    reply_to=msg)

@@ -79,9 +79,11 @@ def is_mgm(config: ml_collections.ConfigDict) -> bool:
     return config.model.kind == "mgm"
 
 
-def _spec(path: str) -> tuple[str, compat.ModelSpec, str]:
-    """(absolute path, its cfm.compat spec, the folder of its vocab.tsv and stats.json); reads
-    no weights and starts no JAX backend (so `python -m cfm.federated` checks before it forks)."""
+def model_spec(path: str, family: str, hint: str) -> tuple[str, compat.ModelSpec]:
+    """(absolute path, its cfm.compat spec) of `model.init_from`, a `family` export or
+    cfm.train workdir; FederatedError (one line, ending in `hint` for another family) otherwise.
+    Reads no weights and starts no JAX backend (so `python -m cfm.federated` checks before it
+    forks)."""
     where = f"config.model.init_from={path!r}"
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(full):
@@ -91,13 +93,20 @@ def _spec(path: str) -> tuple[str, compat.ModelSpec, str]:
     except (CheckpointError, FileNotFoundError) as e:
         raise FederatedError(f"{where}: {e}; export the run with python -m cfm.export "
                              "--format safetensors") from None
-    family = spec.arch.get("family", "vit")
-    if family != "omics":
-        raise FederatedError(f"{where}: a {family} {spec.kind}; masked gene modelling "
-                             "continues an omics export (configs/omics_mgm.py)")
+    got = spec.arch.get("family", "vit")
+    if got != family:
+        raise FederatedError(f"{where}: a {got} {spec.kind}; {hint}")
+    return full, spec
+
+
+def _spec(path: str) -> tuple[str, compat.ModelSpec, str]:
+    """(absolute path, its cfm.compat spec, the folder of its vocab.tsv and stats.json)."""
+    full, spec = model_spec(path, "omics", "masked gene modelling continues an omics export "
+                            "(configs/omics_mgm.py)")
     ref, why = compat.omics_reference(spec)
     if ref is None:
-        raise FederatedError(f"{where}: {why}; its sites' genes cannot be mapped")
+        raise FederatedError(f"config.model.init_from={path!r}: {why}; its sites' genes cannot "
+                             "be mapped")
     return full, spec, ref
 
 
@@ -203,7 +212,13 @@ def _prepare(config: ml_collections.ConfigDict, site: str, table: str, out: str)
             "--drop-unknown-genes", "--clip", str(e["clip"]), "--std-floor", str(e["std_floor"]),
             "--n-bins", str(stats["n_bins"]), "--val-fraction", "0",
             "--test-fraction", str(d.holdout), "--seed", str(int(config.seed))]
-    argv += ["--expression-transform", e["transform"]] if e.get("transform") else []
+    transform = d.get("expression_transform", "") or e.get("transform")
+    if transform == "per-input":
+        raise FederatedError(f"model.init_from={src.path!r} normalised each pretraining source "
+                             "on its own (a pan-cohort export): set "
+                             "--config.data.expression_transform to the sites' tables' "
+                             "transform (signed_log1p for the TCGA tables)")
+    argv += ["--expression-transform", transform] if transform else []
     argv += ["--patient-column", d.patient_column] if d.patient_column else []
     if prepare_omics.main(argv) != 0:
         raise FederatedError(f"site {site!r}: data_prep.prepare_omics cannot map {table} onto "
@@ -324,25 +339,33 @@ def evaluate_round(grid: Grid, nodes: list[int], params: dict, model: str, r: in
     return out
 
 
+def export_backbone(config: ml_collections.ConfigDict, workdir: str, training_config: dict,
+                    backbone: dict, init_path: str, step: int, rounds: int,
+                    log: Callable[[str], None] = print, note: str = "") -> str:
+    """`workdir/export`: `backbone` (numpy) as an export like cfm.export's (its writer; format
+    `server.export_format`) of a run whose training config is `training_config`, with the
+    federation in its provenance; its path. Shared by model.kind mgm and dino."""
+    out = os.path.join(workdir, "export")
+    fed = {"init_from": init_path, "rounds": int(rounds), "sites": config.data.sites,
+           "strategy": config.server.strategy, "local_steps": int(config.train.local_steps),
+           "batch_size": int(config.train.batch_size)}
+    export.write_export(out, training_config, backbone, step, config.server.export_format,
+                        provenance={"federated": dict(fed, **({"note": note} if note else {}))})
+    log(f"cfm.federated server: wrote the backbone as an export to {out}")
+    return out
+
+
 def write_export(config: ml_collections.ConfigDict, params: dict, workdir: str, rounds: int,
                  log: Callable[[str], None] = print) -> str:
-    """`workdir/export`: the global backbone as an export like cfm.export's (format
-    `server.export_format`), carrying the init export's vocab.tsv / stats.json; its path."""
+    """`workdir/export`: the global backbone as an export (`export_backbone`), carrying the
+    init export's vocab.tsv / stats.json; its path."""
     src = source(config)
     tc = copy.deepcopy(src.training_config)
     tc["data"]["path"] = src.ref  # where vocab.tsv, stats.json, manifest.json are copied from
-    step = src.step + rounds * int(config.train.local_steps)
-    out = os.path.join(workdir, "export")
-    export.write_export(out, tc, params["backbone"], step, config.server.export_format,
-                        provenance={"federated": {
-                            "init_from": src.path, "rounds": int(rounds),
-                            "sites": config.data.sites, "strategy": config.server.strategy,
-                            "local_steps": int(config.train.local_steps),
-                            "batch_size": int(config.train.batch_size),
-                            "note": "training_config.data.path is where the vocab.tsv and "
-                                    "stats.json this export carries came from"}})
-    log(f"cfm.federated server: wrote the backbone as an export to {out}")
-    return out
+    return export_backbone(config, workdir, tc, params["backbone"], src.path,
+                           src.step + rounds * int(config.train.local_steps), rounds, log,
+                           "training_config.data.path is where the vocab.tsv and stats.json "
+                           "this export carries came from")
 
 
 def client_log(site: str, r: int, losses: dict) -> None:

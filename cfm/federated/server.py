@@ -3,7 +3,7 @@
 Each round: wait for `server.min_sites` sites, send every site the global parameters (Flower
 `train` messages with an ArrayRecord and a ConfigRecord), aggregate the replies, step the
 global parameters with the server optimiser, checkpoint with orbax, log one history line
-(model.kind=mgm and data.source=tiles: with the sites' held-out metrics, from `evaluate`
+(model.kind=mgm or dino and data.source=tiles: with the sites' held-out metrics, from `evaluate`
 messages before round 1 and after every round).
 
 Aggregation (Reddi et al. 2021, ICLR, "Adaptive Federated Optimization", Algorithm 1): the
@@ -46,7 +46,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
 from cfm.federated import model as fmodel
 from cfm.federated import secagg
-from cfm.federated import pretrain, tiles
+from cfm.federated import dino, pretrain, tiles
 from cfm.federated.sites import FederatedError, feature_names
 from cfm.finetune.fusion_data import split_list
 
@@ -135,19 +135,26 @@ def _truncate_history(path: str, last_round: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _heldout(line: dict, tile: bool) -> str:
-    """The log's words for a history line's held-out means (mgm or tile probe)."""
+def _heldout(line: dict, tile: bool, what: str = "masked") -> str:
+    """The log's words for a history line's held-out means (mgm, dino or tile probe)."""
     if tile:
         return (f"held-out accuracy {line.get('heldout_accuracy_mean')}, balanced "
                 f"{line.get('heldout_balanced_accuracy_mean')}")
-    return f"held-out masked loss {line.get('heldout_loss_mean')}"
+    return f"held-out {what} loss {line.get('heldout_loss_mean')}"
+
+
+def pretraining(config: ml_collections.ConfigDict):
+    """The continued-pretraining module of `model.kind` (cfm.federated.dino for dino,
+    cfm.federated.pretrain for mgm), or None for fine-tuning and tile probes."""
+    return dino if dino.is_dino(config) else pretrain if pretrain.is_mgm(config) else None
 
 
 class _State:
     """Parameters, optimiser state, round and accountant compositions; orbax-saved."""
 
     def __init__(self, config: ml_collections.ConfigDict, n_features: int, n_clinical: int):
-        self.params = (pretrain.init_params(config) if pretrain.is_mgm(config) else
+        pre = pretraining(config)
+        self.params = (pre.init_params(config) if pre is not None else
                        tiles.init_params(config, n_features) if tiles.is_tiles(config) else
                        fmodel.init_params(config, n_features, n_clinical))
         self.tx = server_optimizer(config)
@@ -173,7 +180,9 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
                log: Callable[[str], None] = print) -> dict:
     """Federated training to `server.rounds` (resuming in `workdir`); returns the summary
     (also `workdir/result.json`; one JSON line a round in `workdir/history.jsonl`)."""
-    mgm = pretrain.is_mgm(config)  # continued masked-gene pretraining (cfm.federated.pretrain)
+    pre = pretraining(config)  # continued pretraining: masked-gene (mgm) or DINOv2 (dino)
+    mgm = pre is not None
+    what = "DINOv2" if pre is dino else "masked"  # the held-out loss the log names
     tile = tiles.is_tiles(config)  # a tile probe on tile embeddings (cfm.federated.tiles)
     keys = tiles.METRICS if tile else ("heldout_loss",)  # what `evaluate` replies carry
     names = [] if mgm or tile else feature_names(config)
@@ -197,7 +206,7 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
     if acct is not None and state.dp_rounds:
         acct.compose(GaussianPrivacyEvent(dp.noise_multiplier, len(sites), len(sites)),
                      count=state.dp_rounds)
-    fingerprint = (pretrain.fingerprint(config) if mgm else
+    fingerprint = (pre.fingerprint(config) if mgm else
                    tiles.fingerprint(config, dim) if tile else
                    fmodel.model_fingerprint(config, names))
     rng = np.random.default_rng([int(config.seed), state.round])
@@ -210,7 +219,7 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
             0, s.round_timeout_s, keys)}
         with open(hist_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
-        log(f"cfm.federated server: round 0: {_heldout(line, tile)}")
+        log(f"cfm.federated server: round 0: {_heldout(line, tile, what)}")
     t_start, tries = time.time(), 0
     while state.round < s.rounds:
         r = state.round + 1
@@ -271,14 +280,14 @@ def run_server(grid: Grid, config: ml_collections.ConfigDict, workdir: str,
             log(f"cfm.federated server: round {r}/{s.rounds}: {got.sites} sites, loss "
                 f"{loss:.4f}, {got.sent + got.received} bytes, {line['wall_s']} s"
                 + (f", epsilon {line['epsilon']}" if "epsilon" in line else "")
-                + (f", {_heldout(line, tile)}" if mgm or tile else ""))
+                + (f", {_heldout(line, tile, what)}" if mgm or tile else ""))
     mngr.close()
     result = {"rounds": state.round, "strategy": s.strategy, "sites": sites,
               "wall_s": round(time.time() - t_start, 2)}
     if tile:
         result.update({f"final_{k}_mean": line.get(f"{k}_mean") for k in keys})
     if mgm:
-        result["export"] = pretrain.write_export(config, state.params, workdir, state.round, log)
+        result["export"] = pre.write_export(config, state.params, workdir, state.round, log)
     if acct is not None:
         result["epsilon"] = acct.get_epsilon(dp.delta)
         result["delta"] = float(dp.delta)
