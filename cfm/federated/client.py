@@ -46,9 +46,9 @@ def load_site(spec: str, overrides: str, site: str) -> tuple[ml_collections.Conf
                                                                SiteData, str]:
     """(config, the site's data, its model keys) of a node config; cached per process."""
     config = config_loader.load_config(spec, shlex.split(overrides))
-    if dino.is_dino(config):  # continued DINOv2 pretraining on the site's tiles
+    if dino.is_dino_kind(config):  # continued DINOv2 pretraining on the site's tiles
         return config, dino.site_data(config, site), dino.fingerprint(config)
-    if pretrain.is_mgm(config):  # continued masked-gene pretraining on the site's table
+    if pretrain.is_mgm_kind(config):  # continued masked-gene pretraining on the site's table
         return config, pretrain.site_data(config, site), pretrain.fingerprint(config)
     if tiles.is_tiles(config):  # a tile probe on the site's tile embeddings
         data = tiles.site_data(config, site)
@@ -101,11 +101,11 @@ def train(msg: Message, context: Context) -> Message:
     params = fmodel.from_record(msg.content["arrays"])
     seed = (int(config.seed) * 100003 + int(cfg["server-round"]) * 101
             + zlib.crc32(site.name.encode()) % 97)
-    if dino.is_dino(config):  # its schedules follow the federation's global step
+    if dino.is_dino_kind(config):  # its schedules follow the federation's global step
         new, loss = dino.local_update(config, params, site, float(cfg["mu"]), seed,
                                       int(cfg["server-round"]))
     else:
-        update = (pretrain.local_update if pretrain.is_mgm(config) else
+        update = (pretrain.local_update if pretrain.is_mgm_kind(config) else
                   tiles.local_update if tiles.is_tiles(config) else fmodel.local_update)
         new, loss = update(config, params, site, float(cfg["mu"]), seed)
     return Message(RecordDict({"arrays": fmodel.to_record(new),
@@ -127,7 +127,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             tiles.client_log(site.name, r, metrics)
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": site.n_heldout,
                                                             **metrics})}), reply_to=msg)
-    pre = dino if dino.is_dino(config) else pretrain if pretrain.is_mgm(config) else None
+    pre = dino if dino.is_dino_kind(config) else pretrain if pretrain.is_mgm_kind(config) else None
     if pre is None:
         raise FederatedError("evaluate messages are for model.kind=mgm or dino, or "
                              "data.source=tiles")

@@ -71,7 +71,7 @@ class Run(NamedTuple):
     setup: setup.Setup  # cfm.setup of `ssl_config` on one device
 
 
-def is_dino(config: ml_collections.ConfigDict) -> bool:
+def is_dino_kind(config: ml_collections.ConfigDict) -> bool:
     """Whether the federation continues DINOv2 pretraining (model.kind = "dino")."""
     return config.model.kind == "dino"
 

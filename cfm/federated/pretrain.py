@@ -74,7 +74,7 @@ class Source(NamedTuple):
     models: mgm.Models  # backbone and MGM head modules of that config
 
 
-def is_mgm(config: ml_collections.ConfigDict) -> bool:
+def is_mgm_kind(config: ml_collections.ConfigDict) -> bool:
     """Whether the federation pretrains (model.kind = "mgm") rather than fine-tunes."""
     return config.model.kind == "mgm"
 

@@ -146,7 +146,7 @@ def _heldout(line: dict, tile: bool, what: str = "masked") -> str:
 def pretraining(config: ml_collections.ConfigDict):
     """The continued-pretraining module of `model.kind` (cfm.federated.dino for dino,
     cfm.federated.pretrain for mgm), or None for fine-tuning and tile probes."""
-    return dino if dino.is_dino(config) else pretrain if pretrain.is_mgm(config) else None
+    return dino if dino.is_dino_kind(config) else pretrain if pretrain.is_mgm_kind(config) else None
 
 
 class _State:
