@@ -37,6 +37,9 @@ from cfm.federated import client, grid, model, server, sites  # noqa: E402
 from cfm.finetune.fusion_train import pad_bucket, pad_rows  # noqa: E402
 
 SPEC = "configs/federated.py"
+# ../shared/data beside the project: the default --data of the benchmarks on real cohorts
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                           "shared", "data")
 
 
 def pooled(parts: list) -> sites.SiteData:
@@ -148,9 +151,7 @@ def tcga(args, tmp: str) -> list[float]:
 def main() -> None:
     p = cli_help.parser("benchmarks.federated", __doc__,
                         "python -m benchmarks.federated --data ../shared/data --rounds 30")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "..", "shared", "data"),
-                   help="the shared data folder (icb/, tcga/)")
+    p.add_argument("--data", default=SHARED_DATA, help="the shared data folder (icb/, tcga/)")
     p.add_argument("--rounds", type=int, default=30, help="server rounds of each run")
     p.add_argument("--cohorts", default="Hugo,Riaz,Van_Allen,Mariathasan,Miao,Padron",
                    help="ICB cohorts, each a site and in turn the held-out cohort")

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.federated import federate  # noqa: E402
+from benchmarks.federated import SHARED_DATA, federate  # noqa: E402
 from cfm import cli_help, config_loader, init_from  # noqa: E402
 from cfm.federated import pretrain  # noqa: E402
 
@@ -44,8 +44,7 @@ def main() -> None:
                         "python -m benchmarks.federated_pretrain --init-from /tmp/tcga_export")
     p.add_argument("--init-from", required=True, help="an omics export (python -m cfm.export)")
     p.add_argument("--rounds", type=int, default=10, help="server rounds of each run")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "..", "shared", "data", "tcga"),
+    p.add_argument("--data", default=os.path.join(SHARED_DATA, "tcga"),
                    help="the folder of the tcga_<site>_multiomics.csv.gz tables")
     p.add_argument("--reference-workdir", default="",
                    help="the cfm.train run of --init-from, for its own head (default: none)")

@@ -24,13 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.federated import SPEC, federate  # noqa: E402
+from benchmarks.federated import SHARED_DATA, SPEC, federate  # noqa: E402
 from cfm import cli_help, config_loader  # noqa: E402
 from cfm.evaluate.metrics import roc_auc  # noqa: E402
 from cfm.federated import model, sites  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                    "data")
 SITES = "Hugo,Riaz,Van_Allen,Miao,Padron"
 TEST = "Mariathasan"
 
@@ -56,7 +54,7 @@ def run(args, tmp: str, secure: bool) -> dict:
 def main() -> None:
     p = cli_help.parser("benchmarks.federated_secagg", __doc__,
                         "python -m benchmarks.federated_secagg --data ../shared/data --rounds 10")
-    for flag, default, what in (("--data", DATA, "the shared data folder (icb/)"),
+    for flag, default, what in (("--data", SHARED_DATA, "the shared data folder (icb/)"),
                                 ("--rounds", 10, "server rounds of each run")):
         p.add_argument(flag, type=type(default), default=default, help=what)
     args = p.parse_args()

@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.federated import SHARED_DATA  # noqa: E402
 from cfm import cli_help, config_loader, finetune  # noqa: E402
 
 ICB = "configs/finetune/icb_response.py"
@@ -159,9 +160,7 @@ def report(table: dict, sizes: dict, metric: str) -> float:
 def main() -> None:
     p = cli_help.parser("benchmarks.fusion_eval", __doc__,
                         "python -m benchmarks.fusion_eval --part icb --encoder /tmp/enc_tcga")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "..", "shared", "data"),
-                   help="the shared data folder (icb/, tcga/)")
+    p.add_argument("--data", default=SHARED_DATA, help="the shared data folder (icb/, tcga/)")
     p.add_argument("--part", default="icb", choices=("icb", "tcga"), help="which task")
     p.add_argument("--encoder", default="", help="a pretrained omics encoder (cfm.export "
                    "folder or cfm.train workdir); default: none, only the raw-gene models run")
