@@ -95,8 +95,8 @@ def _pearson_per_gene(truth: dict, pred: dict) -> float:
 
 def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float = 0.3,
              neighbours: int = 10, label: str = "oncotree_code", seed: int = 0,
-             trust_data: bool = False) -> dict:
-    """The result dict (imputation, probes); first `cfm.compat.check_omics`: CompatError (a
+             trust_data: bool = False, probes: bool = True) -> dict:
+    """The result dict (imputation, probes unless `probes` is False); first `cfm.compat.check_omics`: CompatError (a
     ValueError) when `data` was prepared under another vocabulary or normalisation than the
     run trained on (`trust_data`: go on where the run's own files cannot be found)."""
     from sklearn.impute import KNNImputer
@@ -165,8 +165,9 @@ def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float 
             "expression_mse": float(np.mean(sq[m])) if sq[m] else float("nan"),
             "mutation_accuracy": float(np.mean(correct[m][MUT])) if correct[m][MUT] else None,
             "cnv_accuracy": float(np.mean(correct[m][CNV])) if correct[m][CNV] else None}
-    result["probes"] = _probes(models, params, data, train_meta, train_s, held, held_meta, x_train,
-                               x_held_full=_matrix(held, columns), label=label)
+    result["probes"] = (_probes(models, params, data, train_meta, train_s, held, held_meta,
+                                x_train, x_held_full=_matrix(held, columns), label=label)
+                        if probes else {})
     result["seconds"] = time.perf_counter() - t0
     return result
 

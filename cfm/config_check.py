@@ -139,8 +139,9 @@ def validate_mgm(config: ml_collections.ConfigDict) -> None:
     _check(g("model.dtype") in ("float32", "bfloat16", "float16"), "model.dtype",
            g("model.dtype"), "use float32, bfloat16 or float16")
     _check(g("optim.base_lr") > 0, "optim.base_lr", g("optim.base_lr"), "must be > 0")
-    _check(not g("init_from"), "init_from", g("init_from"),
-           "not supported for masked gene modelling yet (resume a workdir instead)")
+    _check(not g("init_from") or g("data.source") == "prepared", "init_from", g("init_from"),
+           "an omics backbone continues on prepared data (data.source=prepared, data.path=a "
+           "data_prep.prepare_omics folder made with its vocab.tsv)")
     _check(g("data.source") in ("synthetic", "prepared"), "data.source", g("data.source"),
            "use synthetic or prepared (a data_prep.prepare_omics folder)")
     if g("data.source") == "prepared":

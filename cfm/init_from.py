@@ -24,6 +24,11 @@ Rules, per parameter (names in the per-block layout, whatever `model.scan_layers
   * errors: a backbone sharing no parameter with the target, or a patch embedding of another
     shape (another width or patch size: the loaded blocks would read random tokens; pick the
     source's model.variant).
+Omics (masked gene modelling) backbones continue only on data prepared under the source's own
+vocabulary and normalisation (`data_prep.prepare_omics --vocab SOURCE/vocab.tsv`, the transform,
+clip and bins of its stats.json), checked by `cfm.compat.check_omics` before anything is built:
+a gene id must mean the same gene on both sides. The gene embedding is their stem; the MGM head
+loads whole from a checkpoint and starts fresh from an export.
 Every process reads the whole source into host memory (numpy; any source mesh: checkpoints
 through `cfm.checkpoint.read_trees`, exports through `cfm.pretrained.read_export`) and places its
 own shards with each target leaf's sharding, so the result has exactly the input's shardings.
@@ -46,16 +51,17 @@ import numpy as np
 
 from etils import epath
 
-from cfm import checkpoint, pretrained
+from cfm import checkpoint, compat, pretrained
 from cfm.checkpoint import CheckpointError, flatten
 from cfm.config_check import ConfigError
-from cfm.models import vit
+from cfm.models import omics, vit
 from cfm.models.backbone import architecture
 from cfm.pretrained import CONFIG_FILE
 
 REPORT_FILE = "init_from.txt"
-HEADS = ("dino_head", "ibot_head")
+HEADS = ("dino_head", "ibot_head", "mgm_head")
 STEM = "backbone.patch_embed.kernel"
+STEMS = {"vit": STEM, "omics": "backbone.gene_embed.embedding"}
 POS = "backbone.pos_embed"
 
 
@@ -304,22 +310,33 @@ def _assemble(tree: Any, values: dict[str, np.ndarray]) -> Any:
 
 def check_family(source: dict, target: dict, path: str) -> None:
     """InitFromError unless the source backbone (architecture dict) can initialise the target:
-    both ViTs with the same patch size (another img_size is resampled). Omics (masked gene
-    modelling) backbones are refused: their gene embeddings index a vocabulary that the new
-    run's data need not share, and the rules above are written for ViTs."""
+    the same family; ViTs with the same patch size (another img_size is resampled). An omics
+    source must also fit the run's data (`check_omics_data`)."""
     fam_s, fam_t = source.get("family", "vit"), target.get("family", "vit")
     if fam_s != fam_t:
         raise _err(path, f"its {fam_s} backbone ({source['variant']}) cannot initialise "
                          f"this {fam_t} run (model.variant={target['variant']}); pick a "
                          f"{fam_t} source")
-    if fam_s != "vit":
-        raise _err(path, f"init_from takes ViT backbones; an {fam_s} run cannot start from "
-                         "another's weights (its gene ids need not match this run's vocab.tsv)")
-    if source["patch"] != target["patch"]:
+    if fam_s == "vit" and source["patch"] != target["patch"]:
         raise _err(path, f"patch {source['patch']} ({source['variant']}) but this run's "
                          f"model.variant={target['variant']} has patch {target['patch']}: the "
                          f"patch embedding cannot be mapped; set model.variant="
                          f"{source['variant']} to continue from it")
+
+
+def check_omics_data(config: Any, path: str, step: int | None = None) -> str:
+    """For an omics run from an omics source: `cfm.compat.check_omics`'s summary line when the
+    run's data (`data.path`, a prepared folder) uses the source's gene ids and normalisation,
+    else InitFromError with compat's reason and the prepare_omics flags that fix it."""
+    kind, where, step = resolve(path, step)
+    if config.data.get("source") != "prepared":
+        raise _err(path, f"an omics backbone continues on prepared data (data.source="
+                         f"'prepared', data.path=a data_prep.prepare_omics folder made with "
+                         f"its vocab.tsv), not data.source={config.data.get('source')!r}")
+    try:
+        return compat.check_omics(compat.model_spec(where, step), config.data.path)
+    except (compat.CompatError, CheckpointError, ValueError, OSError) as e:
+        raise _err(path, str(e)) from None
 
 
 # ============================================================================ entry points ====
@@ -332,34 +349,46 @@ def apply_init_from(state: Any, config: Any, path: str, step: int | None = None
     step = None if step is None or step < 0 else int(step)
     src = read_source(path, step)
     check_family(src.arch, architecture(config.model.to_dict()), path)
+    data_note = ("" if src.arch.get("family", "vit") == "vit" else
+                 "; data: " + check_omics_data(config, path, step))
     flat = flatten(jax.tree.map(lambda x: tuple(x.shape), state.params,
                                            is_leaf=lambda x: hasattr(x, "shape")))
     target = per_block_shapes(flat)
     plan, unused = match(target, {k: tuple(v.shape) for k, v in src.student.items()}, src.kind)
     done = [k for k, (a, _) in plan.items() if k.startswith("backbone.") and a != "reinit"]
     a, m = src.arch, config.model
+    vit_src = a.get("family", "vit") == "vit"
+    desc = (f"{a['variant']}, width {a['width']}" + (f", patch {a['patch']}" if vit_src else
+                                                     f", {a['vocab_size']} gene ids"))
     if not done:
-        raise _err(path, f"its backbone ({a['variant']}, width {a['width']}, patch "
-                         f"{a['patch']}) shares no parameter with model.variant={m.variant}")
-    if plan.get(STEM, ("",))[0] != "load":
-        raise _err(path, f"its patch embedding ({a['variant']}: width {a['width']}, patch "
-                         f"{a['patch']}) does not fit model.variant={m.variant} "
-                         f"({plan.get(STEM, ('', 'absent'))[1]}); set model.variant="
+        raise _err(path, f"its backbone ({desc}) shares no parameter with "
+                         f"model.variant={m.variant}")
+    stem = STEMS[a.get("family", "vit")]
+    if plan.get(stem, ("",))[0] != "load":
+        what = "patch embedding" if vit_src else "gene embedding"
+        raise _err(path, f"its {what} ({desc}) does not fit model.variant={m.variant} "
+                         f"({plan.get(stem, ('', 'absent'))[1]}); set model.variant="
                          f"{a['variant']} to continue from it")
     students, teachers = {}, {}
     for name, (action, _) in plan.items():
         if action == "load":
-            students[name], teachers[name] = src.student[name], src.teacher[name]
+            students[name] = src.student[name]
+            if state.teacher:  # objectives without a teacher (MGM) keep {}
+                teachers[name] = src.teacher[name]
         elif action == "resample":
             students[name] = _resample_pos(src.student[name], target[name])
             teachers[name] = (students[name] if src.teacher is src.student else
                               _resample_pos(src.teacher[name], target[name]))
     mapping = ("student <- its student, teacher <- its teacher" if src.kind == "checkpoint" else
                "student and teacher backbones <- its (teacher) backbone")
+    if not state.teacher:  # MGM: no teacher
+        mapping = ("student <- its student" if src.kind == "checkpoint" else
+                   "student backbone <- its backbone")
+    shape = (f"{a['variant']}, img_size {a['img_size']}, {a['num_registers']} registers -> "
+             f"{m.variant}, img_size {m.img_size}, {m.num_registers} registers" if vit_src else
+             f"{a['variant']}, {a['vocab_size']} gene ids -> {m.variant}")
     report = InitReport(
-        f"{src.kind} {src.where} (step {src.step}; {a['variant']}, img_size {a['img_size']}, "
-        f"{a['num_registers']} registers -> {m.variant}, img_size {m.img_size}, "
-        f"{m.num_registers} registers); {mapping}",
+        f"{src.kind} {src.where} (step {src.step}; {shape}); {mapping}{data_note}",
         loaded=[(k, d) for k, (x, d) in plan.items() if x == "load"],
         resampled=[(k, d) for k, (x, d) in plan.items() if x == "resample"],
         reinitialised=[(k, d) for k, (x, d) in plan.items() if x == "reinit"], unused=unused)
@@ -382,7 +411,8 @@ def check_path(config: Any, workdir: str) -> None:
     if not path or _has_checkpoint(workdir):
         return
     step = config.get("init_from_step", -1)
-    kind, where, step = resolve(path, None if step is None or step < 0 else int(step))
+    step = None if step is None or step < 0 else int(step)
+    kind, where, step = resolve(path, step)
     if kind == "checkpoint":
         try:
             _, steps = checkpoint.checkpoint_steps(where)
@@ -391,6 +421,13 @@ def check_path(config: Any, workdir: str) -> None:
         if step is not None and step not in steps:
             raise _err(path, f"config.init_from_step={step}: no such checkpoint; it holds steps "
                              f"{steps}")
+    if config.model.variant in omics.VARIANTS:  # gene ids must mean the same genes both sides
+        try:
+            arch = compat.model_spec(where, step).arch
+        except (CheckpointError, OSError, ValueError) as e:
+            raise _err(path, str(e)) from None
+        check_family(arch, {"family": "omics", "variant": config.model.variant}, path)
+        check_omics_data(config, path, step)
 
 
 def maybe_init_from(state: Any, config: Any, workdir: str, is_main: bool = True) -> Any:

@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 
-from cfm import compat, embed, export, init_from, train
+from cfm import compat, embed, export, init_from, pretrained, setup, train
 from cfm.data.sources import SyntheticSource
 from cfm.finetune import slide_data
 from cfm.finetune.common import FinetuneError
@@ -105,8 +106,12 @@ def test_omics_model_without_its_vocabulary_needs_trust_data(omics, capsys):
         os.rename(a + ".gone", a)
 
 
-def test_omics_backbone_is_refused_as_init_from(omics):
-    tmp, run, _, _, _ = omics
+def test_omics_backbone_initialises_only_an_omics_run_on_its_vocabulary(omics, capsys):
+    """An omics export cannot start a ViT run; an omics run continues from it (domain
+    adaptation, issue 17 item 6) only on data prepared with its vocab.tsv and normalisation:
+    other data is refused before anything is built, the matching data loads the backbone (the
+    MGM head starts fresh from an export, loads from a workdir)."""
+    tmp, run, a, b, table_a = omics
     out = str(tmp / "export")
     export.export(run, out, "safetensors")
     for name in ("vocab.tsv", "stats.json", "manifest.json"):  # they travel with the export
@@ -115,12 +120,43 @@ def test_omics_backbone_is_refused_as_init_from(omics):
     with pytest.raises(init_from.InitFromError,
                        match="omics backbone .* cannot initialise this vit run"):
         init_from.apply_init_from(None, vit, out)
-    arch = compat.model_spec(out).arch
-    with pytest.raises(init_from.InitFromError, match="init_from takes ViT backbones"):
-        init_from.check_family(arch, arch, out)
     vit_arch = compat.model_spec(str(random_vit_export(tmp / "vit"))).arch
     with pytest.raises(init_from.InitFromError, match="patch 8 .* has patch 4"):
         init_from.check_family(vit_arch, dict(vit_arch, patch=4, variant="vit_p4"), out)
+
+    c = load_config("omics_mgm.py", "test")
+    c.data.source, c.data.path, c.init_from = "prepared", b, out
+    c.total_steps, c.checkpoint_every, c.log_every, c.mesh.data = 1, 1, 1, -1
+    with pytest.raises(init_from.InitFromError, match=r"vocabulary: model 41 genes, data 33 .*"
+                       r"re-run data_prep.prepare_omics with --vocab .*/vocab.tsv"):
+        train.train(c, str(tmp / "adapt_b"))
+    assert not os.path.exists(tmp / "adapt_b" / "checkpoints")
+    c.data.path = _prepare(table_a, tmp / "signed", "--vocab", os.path.join(a, "vocab.tsv"),
+                           "--expression-transform", "signed_log1p")
+    with pytest.raises(init_from.InitFromError, match="expression transform: model 'none'"):
+        init_from.check_path(c, str(tmp / "adapt_c"))
+    # another cohort (other patients, 30 of the 40 genes) under the source's vocabulary
+    table_new = _table(tmp / "new.csv", [f"G{i:02d}" for i in range(30)], seed=5, n=40)
+    c.data.path = _prepare(table_new, tmp / "new", "--vocab", os.path.join(a, "vocab.tsv"),
+                           "--drop-unknown-genes", "--expression-transform", "none")
+    capsys.readouterr()
+    c.init_from = out  # the trainer's path: the report names the data check
+    train.train(c, str(tmp / "adapt"))
+    text = " ".join((tmp / "adapt" / init_from.REPORT_FILE).read_text().split())
+    assert "data: vocabulary (41 genes) and normalisation" in text, text
+    assert "gene_embed" not in text.split("re-initialised")[-1], text
+    s = setup.setup(c, devices=jax.devices()[:1])
+    fresh = setup.create_state(s)
+    _, exported = pretrained.read_export(out)
+    trained = init_from.read_checkpoint_params(run)[1]
+    for source, head_loaded in ((out, False), (run, True)):
+        new, report = init_from.apply_init_from(fresh, s.config, source)
+        np.testing.assert_array_equal(np.asarray(new.params["backbone"]["gene_embed"]["embedding"]),
+                                      exported["gene_embed"]["embedding"])
+        head = np.asarray(new.params["mgm_head"]["hidden"]["kernel"])
+        assert np.array_equal(head, trained["mgm_head"]["hidden"]["kernel"]) == head_loaded
+        assert any(k.startswith("mgm_head") for k, _ in report.reinitialised) != head_loaded
+        assert new.teacher == {}
 
 
 def _tile_shards(folder, size, mpp, n=5):
