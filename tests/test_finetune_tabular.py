@@ -195,6 +195,15 @@ def test_end_to_end_one_cohort(shared_data, tmp_path, capsys):
         auc = m["auc"]
         assert 0 <= auc["value"] <= 1 and auc["low"] <= auc["value"] <= auc["high"]
     assert unit["explain"]["ig_completeness_max_abs_gap"] < 0.05
+    cmp = unit["comparison"]  # which model wins and by how much
+    aucs = {m: r["auc"]["value"] for m, r in unit["models"].items()}
+    assert cmp["winner"] == max(aucs, key=aucs.get) and cmp["cfm_best"] == "cfm_fusion"
+    assert cmp["best_baseline"] == max((m for m in aucs if m != "cfm_fusion"), key=aucs.get)
+    d = cmp["difference"]
+    assert np.isclose(d["value"], aucs["cfm_fusion"] - aucs[cmp["best_baseline"]])
+    assert d["low"] <= d["value"] <= d["high"]
+    assert f"difference {d['value']:+.3f}" in (run / "report.md").read_text()
+    assert "best baseline" in res["summary_line"]
     for name in ("report.md", "roc_pooled.png", "calibration_pooled.png", "patient_reports.md",
                  "biomarkers_pooled.csv", "biomarkers_pooled.md", "config.json"):
         assert (run / name).stat().st_size > 0, name

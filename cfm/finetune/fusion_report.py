@@ -39,6 +39,37 @@ def member_spread(data: TabularData, rows: np.ndarray, members: dict, head: str)
             "max": float(np.max(vals))}
 
 
+def compare_models(models: dict, key: str, metric, arrays: tuple, scores: dict,
+                   n_boot: int, seed: int) -> dict | None:
+    """Which model wins the unit and by how much: the best model by `key` ("auc" or "c_index"
+    point value), cfm's best (`cfm_*`) and the best baseline (the rest), and cfm's best minus
+    the best baseline with a paired bootstrap 95% CI (the same resampled patients score both,
+    so the interval is of the difference itself). `metric(*arrays, score)` computes `key`;
+    None when either side is missing."""
+    val = {m: r[key]["value"] for m, r in models.items()
+           if r.get(key) and r[key].get("value") is not None}
+    cfm = {m: v for m, v in val.items() if m.startswith("cfm_")}
+    base = {m: v for m, v in val.items() if not m.startswith("cfm_")}
+    if not cfm or not base:
+        return None
+    c, b = max(cfm, key=cfm.get), max(base, key=base.get)
+    v, lo, hi = metrics.bootstrap_ci(lambda *a: metric(*a[:-2], a[-2]) - metric(*a[:-2], a[-1]),
+                                     (*arrays, scores[c], scores[b]), n_boot=n_boot, seed=seed)
+    return {"metric": key, "winner": max(val, key=val.get), "cfm_best": c,
+            "cfm_value": cfm[c], "best_baseline": b, "baseline_value": base[b],
+            "difference": {"value": v, "low": lo, "high": hi}}
+
+
+def comparison_line(cmp: dict) -> str:
+    """The report.md sentence of `compare_models`."""
+    d, name = cmp["difference"], "AUC" if cmp["metric"] == "auc" else "c-index"
+    verdict = "beats" if d["value"] > 0 else "does not beat"
+    return (f"Winner: {cmp['winner']}. cfm's best, {cmp['cfm_best']} ({name} "
+            f"{cmp['cfm_value']:.3f}), {verdict} the best baseline, {cmp['best_baseline']} "
+            f"({cmp['baseline_value']:.3f}): difference {d['value']:+.3f} (95% CI "
+            f"{d['low']:+.3f} to {d['high']:+.3f}, paired bootstrap over patients).")
+
+
 def summarize_unit(data: TabularData, unit: dict, out: dict, config: ml_collections.ConfigDict,
                    workdir: str) -> tuple[dict, list[str]]:
     """Metrics of every model on the unit's pooled out-of-fold scores (bootstrap CIs), its ROC /
@@ -64,6 +95,9 @@ def summarize_unit(data: TabularData, unit: dict, out: dict, config: ml_collecti
         table = [(m, r["n"], r["n_pos"], report.fmt_ci(r["auc"]),
                   report.fmt_ci(r.get("balanced_accuracy")))
                  for m, r in res["models"].items()]
+        cmp = compare_models(res["models"], "auc", metrics.roc_auc, (y,),
+                             {m: _ordered(sc, rows) for m, sc in out["scores"].items()}, nb,
+                             seed)
         md += [report.markdown_table(["model", "n", "responders", "AUC (95% CI)",
                                       "balanced accuracy (95% CI)"], table), "",
                f"![ROC](roc_{unit['name']}.png) ![calibration](calibration_{unit['name']}.png)"]
@@ -82,6 +116,7 @@ def summarize_unit(data: TabularData, unit: dict, out: dict, config: ml_collecti
                  for m, r in res["models"].items()]
         md += [report.markdown_table(["model", "n", "balanced accuracy (95% CI)", "accuracy",
                                       "AUC of P(CR or PR) (95% CI)"], table)]
+        cmp = None
     else:
         t, e = data.time[rows], data.event[rows]
         for m, sc in out["scores"].items():
@@ -92,11 +127,17 @@ def summarize_unit(data: TabularData, unit: dict, out: dict, config: ml_collecti
                            os.path.join(workdir, f"km_{unit['name']}.png"),
                            f"cfm_fusion, {unit['name']}: median split of predicted risk")
         res["models"]["cfm_fusion"]["logrank_p_median_split"] = p
+        cmp = compare_models(res["models"], "c_index", metrics.c_index, (t, e),
+                             {m: _ordered(sc, rows) for m, sc in out["scores"].items()}, nb,
+                             seed)
         table = [(m, r["n"], r["n_events"], report.fmt_ci(r["c_index"]))
                  for m, r in res["models"].items()]
         md += [report.markdown_table(["model", "n", "events", "c-index (95% CI)"], table), "",
                f"Log-rank p (cfm_fusion, median split of out-of-fold risk): {p:.3g}", "",
                f"![KM](km_{unit['name']}.png)"]
+    if cmp is not None:
+        res["comparison"] = cmp
+        md += ["", comparison_line(cmp)]
     spread = member_spread(data, rows, out["members"], head)
     if spread is not None:
         res["models"]["cfm_fusion"]["member_spread"] = spread

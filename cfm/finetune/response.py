@@ -186,6 +186,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, title: str) ->
         "auc" if config.head == "binary" else "balanced_accuracy")
     results["summary_line"] = "; ".join(
         f"{u}: cfm_fusion {metric} {report.fmt_ci(r['models']['cfm_fusion'].get(metric))}"
+        + (f" (cfm's best {r['comparison']['cfm_best']} - best baseline "
+           f"{r['comparison']['best_baseline']}: {r['comparison']['difference']['value']:+.3f})"
+           if r.get("comparison") else "")
         for u, r in results["units"].items())
     md += ["## Signature genes used", ""]
     md += [f"- {k}: {', '.join(v)}" for k, v in data.signature_genes.items()]
