@@ -11,8 +11,8 @@ a pretrained omics encoder, beside the signatures and the linear baselines.
   CD274 / IFN-gamma 6-gene / cytolytic-activity signatures, all on the same split; then the
   patient-weighted mean over the test cohorts. cfm's models are the mean over `--seeds`
   (their spread is printed: changing only the seed moves one run by ~0.04).
-- `tcga`: overall survival, 5-fold CV within BLCA, LUAD, KIRC and the three pooled
-  (`configs/finetune/tcga_survival.py`), Harrell's c-index of the same models beside
+- `tcga`: overall survival, 5-fold CV within BLCA, LUAD, KIRC and the three pooled into one
+  cohort (`configs/finetune/tcga_survival.py:pooled`, folds stratified by type and event), Harrell's c-index of the same models beside
   penalised Cox on PCA-32 + clinical and the signatures.
 - `--ablation`: each task also with clinical variables only and omics only (raw and encoder).
 
@@ -105,8 +105,8 @@ def evaluate(units: list[tuple[str, str, list[str]]], args, tmp: str) -> tuple[d
         for label, ov in variants(args.encoder, args.ablation, args.variants):
             for seed in args.seeds:
                 t0 = time.time()
-                res = one_run(spec, unit_ov + ov + [f"--config.seed={seed}",
-                                                    f"--config.data.path={args.data}"], tmp)
+                res = one_run(spec, unit_ov + ov + args.override + [
+                    f"--config.seed={seed}", f"--config.data.path={args.data}"], tmp)
                 name = next(iter(res)) if len(res) == 1 else "pooled"
                 models = res[name]
                 for model, (v, n) in models.items():
@@ -116,8 +116,9 @@ def evaluate(units: list[tuple[str, str, list[str]]], args, tmp: str) -> tuple[d
                     elif label == "raw" and seed == args.seeds[0]:
                         row[("baseline", model)] = [v]
                 print(f"  {unit:12s} {label:20s} seed {seed}: " + ", ".join(
-                    f"{m} {v[0][0]:.3f}" for m, v in models.items() if m in CFM)
-                    + f" ({time.time() - t0:.0f} s)", flush=True)
+                    f"{m} {v[0][0]:.3f}" for m, v in models.items()
+                    if m in CFM or label == "raw") + f" ({time.time() - t0:.0f} s)",
+                    flush=True)
         table[unit] = row
     return table, sizes
 
@@ -128,7 +129,8 @@ def report(table: dict, sizes: dict, metric: str) -> float:
     cols = sorted({k for r in table.values() for k in r},
                   key=lambda k: (k[0] == "baseline", k[0], k[1]))
     units = list(table)
-    w = np.array([sizes[u] for u in units], float)
+    # the pooled TCGA unit holds the same patients as the per-type ones: not in the mean
+    w = np.array([0.0 if u == "POOLED" and len(units) > 1 else sizes[u] for u in units])
     print("\n| unit (n) | " + " | ".join(f"{a}: {b}" if a != "baseline" else b
                                          for a, b in cols) + " |")
     print("|---|" + "---|" * len(cols))
@@ -150,6 +152,9 @@ def report(table: dict, sizes: dict, metric: str) -> float:
                 cells.append(f"{np.mean(xs):.3f} ±{np.std(xs):.3f}")
         print(f"| {u} ({sizes[u]}) | " + " | ".join(cells) + " |")
     wm = {c: float(np.nansum(means[c] * w) / w[np.isfinite(means[c])].sum()) for c in cols}
+    if w.min() == 0:
+        print("(the patient-weighted mean leaves out POOLED: its patients are the per-type "
+              "units')")
     print(f"| patient-weighted mean {metric} | " + " | ".join(f"{wm[c]:.3f}" for c in cols)
           + " |")
     best_cfm = max((v for c, v in wm.items() if c[0] != "baseline"), default=np.nan)
@@ -172,8 +177,12 @@ def main() -> None:
     p.add_argument("--variants", default="", help="comma-separated variant labels to run (raw, "
                    "encoder, clinical only, omics only, raw, omics only, encoder); default: all; "
                    "the baselines come with `raw`")
-    p.add_argument("--tcga-presets", default="blca,luad,kirc,all",
-                   help="tcga: the presets of configs/finetune/tcga_survival.py to run")
+    p.add_argument("--tcga-presets", default="blca,luad,kirc,pooled",
+                   help="tcga: comma-separated presets of configs/finetune/tcga_survival.py "
+                        "(blca, luad, kirc, pooled; default: all four)")
+    p.add_argument("--override", action="append", default=[], metavar="--config.KEY=VALUE",
+                   help="a config override for every run, e.g. --override="
+                        "--config.train.ensemble=1 (default: none)")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.data = os.path.abspath(args.data)

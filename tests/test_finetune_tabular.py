@@ -16,7 +16,7 @@ from cfm.explain import attributions
 from cfm.finetune import losses
 from cfm.finetune.__main__ import main
 from cfm.models.fusion import FusionModel, group_edges
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_config
 
 
 def _cox_numpy(risk, time, event):
@@ -218,3 +218,32 @@ def test_end_to_end_one_cohort(shared_data, tmp_path, capsys):
     assert _cli(tmp_path, f"--config.data.path={shared_data}") == 2
     assert "already holds results" in capsys.readouterr().err
     assert (run / "results.json").read_text() == before
+
+
+def test_tcga_types_pooled_into_one_cohort(shared_data):
+    """`data.cancer = "blca+luad+kirc"`: one cohort of the three types, with the features all
+    three have, a type indicator per type but the first, and folds stratified by type."""
+    from cfm.finetune import fusion_data, tabular_data
+    kinds, clin = ["rnaseq", "cnv", "mut"], ["age", "sex_female", "stage"]
+    parts = {t: tabular_data.load_tcga(str(shared_data), t, kinds, clin)
+             for t in ("blca", "luad", "kirc")}
+    pooled = tabular_data.load_tcga_pooled(str(shared_data), list(parts), kinds, clin)
+    assert len(pooled) == sum(len(p) for p in parts.values())
+    common = set.intersection(*(set(p.feature_names) for p in parts.values()))
+    assert set(pooled.feature_names) == common and len(common) > 1500
+    assert pooled.clinical_names == clin + ["type_LUAD", "type_KIRC"]
+    at = 0
+    for t, p in parts.items():  # rows stay in type order, values unchanged
+        rows = slice(at, at + len(p))
+        col = [p.feature_names.index(n) for n in pooled.feature_names]
+        np.testing.assert_array_equal(pooled.omics[rows], p.omics[:, col])
+        assert set(pooled.cohort[rows]) == {t.upper()}
+        assert np.all(pooled.clinical[rows, 3] == (t == "luad"))
+        assert np.all(np.isnan(pooled.clinical[rows, 2])) == (t != "blca")  # stage: BLCA only
+        np.testing.assert_array_equal(pooled.time[rows], p.time)
+        at += len(p)
+    c = load_config("finetune/tcga_survival.py", "pooled")
+    units, _ = fusion_data.evaluation_units(pooled, c)
+    assert [u["name"] for u in units] == ["pooled"] and len(units[0]["splits"]) == 5
+    for _, te in units[0]["splits"]:  # every fold holds every type
+        assert set(pooled.cohort[te]) == {"BLCA", "LUAD", "KIRC"}

@@ -92,6 +92,9 @@ def load_data(config: ml_collections.ConfigDict) -> tabular_data.TabularData:
     if d.source == "icb":
         data = tabular_data.load_icb(d.path, split_list(d.cohorts), split_list(d.clinical),
                                      label=d.get("label", "response"))
+    elif d.source == "tcga" and "+" in d.cancer:  # several types pooled into one cohort
+        data = tabular_data.load_tcga_pooled(d.path, [c.strip() for c in d.cancer.split("+")],
+                                             split_list(d.omics_kinds), split_list(d.clinical))
     elif d.source == "tcga":
         data = tabular_data.load_tcga(d.path, d.cancer, split_list(d.omics_kinds),
                                       split_list(d.clinical))

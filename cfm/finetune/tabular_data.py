@@ -253,6 +253,44 @@ def load_tcga(data_dir: str, cancer: str, kinds: list[str], clinical: list[str])
         signatures=sig, signature_genes=sig_genes)
 
 
+def load_tcga_pooled(data_dir: str, cancers: list[str], kinds: list[str],
+                     clinical: list[str]) -> TabularData:
+    """Several TCGA types as one cohort (`data.cancer = "blca+luad+kirc"`): the omics features
+    every type has (each type's own non-constant columns, intersected by name; the `_rnaseq`
+    genes are nearly the same in the three tables, the mutation and CNV panels differ), the
+    union of the clinical variables (NaN where a type lacks one: stage is BLCA's only) plus a
+    0/1 indicator per type but the first (cancer type carries much of the risk), and each
+    type's signatures as scored within it. `cohort` keeps the type, so the CV folds are
+    stratified by type and event."""
+    parts = [load_tcga(data_dir, c, kinds, clinical) for c in cancers]
+    common = set(parts[0].feature_names).intersection(*(p.feature_names for p in parts[1:]))
+    names = [n for n in parts[0].feature_names if n in common]
+    kind_of = dict(zip(parts[0].feature_names, parts[0].feature_kinds))
+    clin_names = [c for c in clinical if any(c in p.clinical_names for p in parts)]
+    clin = []
+    for p in parts:
+        col = {n: i for i, n in enumerate(p.feature_names)}
+        p.omics = p.omics[:, [col[n] for n in names]]
+        at = {n: i for i, n in enumerate(p.clinical_names)}
+        clin.append(np.stack([p.clinical[:, at[c]] if c in at else np.full(len(p), np.nan)
+                              for c in clin_names], axis=1).astype(np.float32))
+    types = [c.upper() for c in cancers]
+    cohort = np.concatenate([p.cohort for p in parts])
+    onehot = np.stack([(cohort == t).astype(np.float32) for t in types[1:]], axis=1)
+    sig_names = sorted(set(parts[0].signatures).intersection(*(p.signatures for p in parts)))
+    return TabularData(
+        patient_ids=np.concatenate([p.patient_ids for p in parts]), cohort=cohort,
+        omics=np.concatenate([p.omics for p in parts]), feature_names=names,
+        feature_kinds=np.array([kind_of[n] for n in names]),
+        clinical=np.concatenate([np.concatenate(clin), onehot], axis=1),
+        clinical_names=clin_names + [f"type_{t}" for t in types[1:]],
+        label=np.concatenate([p.label for p in parts]),
+        time=np.concatenate([p.time for p in parts]),
+        event=np.concatenate([p.event for p in parts]),
+        signatures={k: np.concatenate([p.signatures[k] for p in parts]) for k in sig_names},
+        signature_genes={k: parts[0].signature_genes[k] for k in sig_names})
+
+
 def apply_label_file(data: TabularData, path: str) -> TabularData:
     """Replace labels by those of a CSV `patient_id,label`; keep only its patients."""
     lab = _read(path)

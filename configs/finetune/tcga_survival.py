@@ -9,7 +9,8 @@ GZMA is absent), each used as risk = -score.
     python -m cfm.finetune --config configs/finetune/tcga_survival.py:<preset> --workdir DIR
 
 Presets: `blca`, `luad`, `kirc` (one type), `all` (the three, one after the other, one
-sub-folder each), `nll` (BLCA with MCAT's discrete-time NLL head instead of Cox), `test`
+sub-folder each), `pooled` (the three as one cohort, `data.cancer = "blca+luad+kirc"`: the omics
+features all three have, a 0/1 indicator per type, folds stratified by type and event), `nll` (BLCA with MCAT's discrete-time NLL head instead of Cox), `test`
 (tiny, for the tests). Features: `_rnaseq` (signed log1p, z-scored on the training patients,
 clipped at +-5), `_cnv` / 2, `_mut` 0/1; clinical: age, sex and (BLCA only) stage.
 
@@ -43,7 +44,7 @@ def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "tcga"
     c.data.path = "../shared/data"
-    c.data.cancer = "blca"               # blca | luad | kirc, or a comma list
+    c.data.cancer = "blca"  # blca | luad | kirc; a comma list: one after the other; a + list: pooled
     c.data.omics_kinds = "rnaseq,cnv,mut"
     c.data.clinical = "age,sex_female,stage"
     c.data.labels = ""
@@ -59,6 +60,8 @@ def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
         c.data.cancer = arg
     elif arg == "all":
         c.data.cancer = "blca,luad,kirc"
+    elif arg == "pooled":
+        c.data.cancer = "blca+luad+kirc"
     elif arg == "nll":
         c.head = "nll"
     elif arg == "test":
@@ -66,5 +69,6 @@ def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
         fusion_config.shrink_for_tests(c)
         c.baselines.cox_pcs = 4
     else:
-        raise ValueError(f"unknown preset {arg!r}: use blca, luad, kirc, all, nll or test")
+        raise ValueError(f"unknown preset {arg!r}: use blca, luad, kirc, all, pooled, nll or "
+                         "test")
     return c
