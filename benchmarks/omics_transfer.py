@@ -89,7 +89,8 @@ def prepare_target(data: str, held: str, encoder_data: str, out: str) -> tuple[s
 def pretrain(data_path: str, workdir: str, steps: int, overrides: list[str],
              config: str = CONFIG) -> str:
     """cfm.train of `config` on `data_path` for `steps` steps into `workdir` (resumed if cut
-    short, skipped if finished), in-training evaluators off."""
+    short, skipped if finished), in-training evaluators off; the learning-rate schedule (one
+    warm-up epoch of nine, then cosine, as the tcga preset) is stretched to end at `steps`."""
     from cfm import checkpoint, config_loader, train
     try:
         if checkpoint.checkpoint_steps(workdir)[1][-1] >= steps:
@@ -97,7 +98,9 @@ def pretrain(data_path: str, workdir: str, steps: int, overrides: list[str],
     except (FileNotFoundError, IndexError, OSError, checkpoint.CheckpointError):
         pass
     cfg = config_loader.load_config(config, [
-        "--config.data.source=prepared", f"--config.data.path={data_path}", f"--config.total_steps={steps}",
+        "--config.data.source=prepared", f"--config.data.path={data_path}",
+        f"--config.total_steps={steps}", f"--config.steps_per_epoch={-(-steps // 9)}",
+        "--config.epochs=9", "--config.optim.warmup_epochs=1",
         f"--config.checkpoint_every={steps}", "--config.evals.mgm.every=0",
         "--config.evals.health.every=0", *overrides])
     train.train(cfg, workdir)
@@ -125,7 +128,6 @@ def run(args) -> list[dict]:
             run_dir = enc if a == 0 else pretrain(
                 target, f"{base}_adapt{a}", a,
                 [f"--config.init_from={enc}", f"--config.optim.base_lr={args.adapt_lr}",
-                 f"--config.steps_per_epoch={max(1, a // 10)}", "--config.optim.warmup_epochs=1",
                  f"--config.seed={args.seed}"], args.config)
             r = evaluate(run_dir, target)
             row = {"held_out_type": held, "sources": args.sources, "pretrain_steps": args.steps,
