@@ -38,28 +38,30 @@ def test_leave_one_type_out_runs_and_reports(tmp_path, capsys):
     data = _tables(tmp_path / "data")
     out = tmp_path / "out"
     assert omics_transfer.main(["--data", str(data), "--types", "kirc", "--steps", "2",
-                                "--adapt-steps", "0,2", "--config",
+                                "--adapt-steps", "0,2", "--scratch-steps", "2", "--config",
                                 "configs/omics_mgm.py:test", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     rows = json.loads((out / "transfer_tcga.json").read_text())
-    assert [r["adapt_steps"] for r in rows] == [0, 2]
+    assert [r["adapt_steps"] for r in rows] == [0, 2, 2]
+    assert rows[2]["sources"] == "none (from scratch)"
     for r in rows:
         assert r["held_out_type"] == "kirc" and r["coverage"] == pytest.approx(30 / 40)
         assert r["held_out"] > 0 and r["train"] > 0
         assert all(np.isfinite(r[m]) for m in ("cfm", "knn", "mean/mode"))
-    assert rows[0]["knn"] == rows[1]["knn"]  # one kNN reference, fitted on KIRC's own patients
+    assert rows[0]["knn"] == rows[1]["knn"] == rows[2]["knn"]  # one kNN reference, fitted on KIRC's own patients
     assert rows[0]["cfm"] != rows[1]["cfm"]  # the adapted encoder is another model
     # the sources never include the held-out type; the adaptation started from the encoder
     sources = (out / "tcga_without_kirc_data" / "manifest.json").read_text()
     assert "tcga_blca" in sources and "tcga_luad" in sources and "tcga_kirc" not in sources
     assert "init_from" in (out / "tcga_without_kirc_adapt2" / "init_from.txt").read_text()
+    assert not (out / "kirc_scratch" / "init_from.txt").exists()
     assert "| KIRC" in text and "encoder_beats_knn=" in text.splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["--types", "brca"], "--types: choose from blca,luad,kirc"),
     (["--adapt-steps", "0,x"], "--adapt-steps: comma-separated integers"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1, --adapt-steps"),
     (["--data", "/nonexistent"], "tcga_blca_multiomics.csv.gz not found"),
 ])
 def test_bad_arguments_stop_with_one_line(argv, msg, capsys, tmp_path):
