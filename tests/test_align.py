@@ -1,0 +1,165 @@
+"""Slide–omics alignment: the chunked sigmoid loss equals the whole-matrix one (values and
+gradients, 1, 2 and 8 devices), pair records, bad pairs, the objective's step on a sharded mesh
+equals 1 device, exact resume, retrieval recall."""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from cfm import setup, train
+from cfm.data import paired_pipeline
+from cfm.data.paired_records import decode_pair, encode_pair
+from cfm.evals.align import recall_at_k
+from cfm.ssl import align, sigmoid_loss
+from data_prep import paired, paired_synthetic
+from tests.conftest import load_config
+
+
+def _reference_loss(x, y, t_prime, bias):
+    """SigLIP's loss written out in numpy (Zhai et al. 2023, Algorithm 1)."""
+    logits = np.exp(t_prime) * x @ y.T + bias
+    z = 2 * np.eye(len(x)) - 1
+    return np.sum(np.logaddexp(0, -z * logits)) / len(x)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_chunked_sigmoid_loss_equals_whole_matrix(n):
+    rng = np.random.default_rng(n)
+    x, y = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    args = (x, y, jnp.float32(np.log(5.0)), jnp.float32(-3.0))
+    whole = jax.value_and_grad(sigmoid_loss.sigmoid_loss, argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(whole[0], _reference_loss(x, y, np.log(5.0), -3.0), rtol=1e-5)
+    mesh = Mesh(np.array(jax.devices()[:n]).reshape(n, 1), ("data", "fsdp"))
+    fn = lambda *a: sigmoid_loss.chunked_sigmoid_loss(*a, mesh, ("data", "fsdp"))  # noqa
+    with jax.set_mesh(mesh):
+        chunked = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(*args)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-5)
+    for a, b in zip(chunked[1], whole[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_recall_at_k_against_a_direct_count():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 4))
+    y = x + rng.normal(scale=0.7, size=x.shape)
+    r = recall_at_k(x, y, ks=(1, 5))
+    sim = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+        y / np.linalg.norm(y, axis=1, keepdims=True)).T
+    top5 = np.argsort(-sim, axis=1)[:, :5]
+    assert r["s2o@5"] == np.mean([i in top5[i] for i in range(20)])
+    assert r["s2o@1"] == np.mean(sim.argmax(1) == np.arange(20))
+    assert r["o2s@1"] == np.mean(sim.argmax(0) == np.arange(20))
+    assert r["chance@5"] == 0.25
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "p"
+    paired_synthetic.generate(str(out), patients=32, grid=5, n_genes=24, dim=16)
+    return out
+
+
+def test_pair_records_round_trip_and_the_program_follows_composition(pairs):
+    omics = {"gene_ids": np.arange(2, 6), "modality": np.zeros(4), "values": np.ones(4),
+             "classes": np.zeros(4)}
+    meta, arr = decode_pair(encode_pair({"pair": 3}, np.ones((2, 5)), np.zeros((2, 2)), omics))
+    assert meta == {"pair": 3} and arr["bag"].shape == (2, 5)
+    with pytest.raises(ValueError, match="empty"):
+        encode_pair({"pair": 1}, np.zeros((0, 5)), np.zeros((0, 2)), omics)
+    metas, arrays = paired_pipeline.read_split(str(pairs), "train", 32, 24)
+    assert not any("patient" in k or "slide" in k for m in metas for k in m)
+    # EPCAM (gene 0) follows the tumour fraction (synthetic_tme.GENES: +2.5 on the log scale)
+    frac = np.array([m["frac"][0] for m in metas])
+    assert np.corrcoef(frac, arrays["values"][:, 0])[0, 1] > 0.5
+    rows = list(csv.DictReader(open(pairs / "private" / "pairs.csv")))
+    assert len(rows) == 32 and rows[0]["patient_id"].startswith("pt")
+
+
+def test_bad_pairs_error_or_are_counted(tmp_path):
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    np.save(emb / "embeddings-00000-of-00001.npy", np.ones((3, 4), np.float32))
+    (emb / "index.csv").write_text("file,row,slide_id,x,y\n"
+                                   "embeddings-00000-of-00001.npy,0,sA,0,0\n"
+                                   "embeddings-00000-of-00001.npy,1,sA,64,0\n"
+                                   "embeddings-00000-of-00001.npy,2,sB,0,0\n")
+    om = tmp_path / "om"
+    paired_synthetic.generate(str(om), patients=8, grid=4, n_genes=4, dim=4)
+    # A pairs folder is not an omics folder: the join names what it needs.
+    slides = tmp_path / "slides.csv"
+    slides.write_text("slide_id,patient_id\nsA,p1\n")
+    with pytest.raises((paired.PairError, ValueError)):
+        paired.join(str(emb), str(om), str(slides), str(tmp_path / "out"))
+
+
+def _cfg(path, **over):
+    c = load_config("align.py", "test")
+    c.data.path = str(path)
+    for k, v in over.items():
+        node = c
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _steps(c, devices, n=2):
+    s = setup.setup(c, devices)
+    state = setup.create_state(s)
+    it = s.objective.batches(s.config, 0, 0, 1)
+    outs = []
+    with jax.set_mesh(s.mesh):
+        for _ in range(n):
+            state, out = s.step(state, setup.global_batch(s, next(it)))
+            outs.append(jax.device_get(out))
+    return jax.device_get(state), outs
+
+
+def test_sharded_step_equals_one_device(pairs):
+    s1, o1 = _steps(_cfg(pairs, **{"mesh.data": 1}), jax.devices()[:1], n=1)
+    s4, o4 = _steps(_cfg(pairs, **{"mesh.data": 2, "mesh.fsdp": 2}), jax.devices()[:4], n=1)
+    for k in ("loss", "sigmoid", "recon_mse", "grad_norm"):
+        np.testing.assert_allclose(o1[0][k], o4[0][k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # The attention logit's bias has a zero gradient in exact arithmetic (a softmax does not see
+    # a shift), so Adam turns rounding noise into a full step there: left out.
+    s1.params["backbone"]["pool"]["attention_c"].pop("bias")
+    s4.params["backbone"]["pool"]["attention_c"].pop("bias")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
+                 s1.params, s4.params)
+
+
+def test_frozen_omics_stay_fixed(pairs):
+    c = _cfg(pairs, **{"mesh.data": 1, "align.freeze_omics": True})
+    s = setup.setup(c, jax.devices()[:1])
+    first = jax.device_get(setup.create_state(s).params["omics"])
+    state, _ = _steps(c, jax.devices()[:1])
+    jax.tree.map(np.testing.assert_array_equal, first, state.params["omics"])
+
+
+def test_resume_is_exact(pairs, tmp_path):
+    c = lambda steps: _cfg(pairs, **{"mesh.data": -1, "total_steps": steps,  # noqa: E731
+                                     "evals.retrieval.every": 0})
+    train.train(c(8), str(tmp_path / "straight"))
+    train.train(c(4), str(tmp_path / "resumed"))
+    train.train(c(8), str(tmp_path / "resumed"))
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text(
+        ).splitlines() if '"loss"' in x]  # noqa: E731
+    a, b = read("straight"), read("resumed")
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-6)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from cfm.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match="data.path"):
+        align.prepare_config(_cfg(tmp_path))
