@@ -160,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli_help.parser("data_prep.paired", __doc__,
                          "python -m data_prep.paired --embeddings EMB --omics OMICS "
                          "--slides slides.csv --out /tmp/pairs")
-    ap.add_argument("--embeddings", required=True)
-    ap.add_argument("--omics", required=True)
-    ap.add_argument("--slides", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--skip-bad", action="store_true")
+    ap.add_argument("--embeddings", required=True,
+                    help="a python -m cfm.embed output folder (index.csv + embeddings-*.npy)")
+    ap.add_argument("--omics", required=True, help="a data_prep.prepare_omics folder")
+    ap.add_argument("--slides", required=True,
+                    help="CSV with columns slide_id and patient_id")
+    ap.add_argument("--out", required=True, help="new pairs folder")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip and count bad pairs (default: stop at the first)")
     args = ap.parse_args(argv)
     try:
         m = join(args.embeddings, args.omics, args.slides, args.out, args.skip_bad)

@@ -127,13 +127,15 @@ def generate(out: str, patients: int = 400, grid: int = 10, n_genes: int = 64, d
 def main(argv: list[str] | None = None) -> int:
     ap = cli_help.parser("data_prep.paired_synthetic", __doc__,
                          "python -m data_prep.paired_synthetic --out /tmp/cfm_pairs")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--patients", type=int, default=400)
-    ap.add_argument("--grid", type=int, default=10)
-    ap.add_argument("--genes", type=int, default=64)
-    ap.add_argument("--dim", type=int, default=32)
-    ap.add_argument("--test-fraction", type=float, default=0.25)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="new pairs folder")
+    ap.add_argument("--patients", type=int, default=400,
+                    help="pseudo-patients (one slide each)")
+    ap.add_argument("--grid", type=int, default=10, help="slide side in tiles")
+    ap.add_argument("--genes", type=int, default=64, help="genes in the program")
+    ap.add_argument("--dim", type=int, default=32, help="tile feature width")
+    ap.add_argument("--test-fraction", type=float, default=0.25,
+                    help="held-out patients' share")
+    ap.add_argument("--seed", type=int, default=0, help="generator seed")
     args = ap.parse_args(argv)
     try:
         m = generate(args.out, args.patients, args.grid, args.genes, args.dim,

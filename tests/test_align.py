@@ -4,10 +4,12 @@ equals 1 device, exact resume, retrieval recall."""
 
 import csv
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh
 
@@ -111,49 +113,69 @@ def _cfg(path, **over):
     return c
 
 
-def _steps(c, devices, n=2):
-    s = setup.setup(c, devices)
+# The resume test's run: the sharded test's 8-device init and step are the same programs, so the
+# resume test's three runs find them in the session's compilation cache (tests/conftest.py).
+RUN = {"mesh.data": -1, "total_steps": 8, "evals.retrieval.every": 0}
+
+
+@pytest.fixture(scope="module")
+def first_step(pairs):
+    """(setup, initial params as numpy, first batch, its dropout key's data, metrics) of the trainer's first step on 8
+    devices (the chunked loss round 8 devices)."""
+    s = setup.setup(_cfg(pairs, **RUN), jax.devices())
     state = setup.create_state(s)
-    it = s.objective.batches(s.config, 0, 0, 1)
-    outs = []
+    params = jax.device_get(state.params)
+    rng = np.asarray(jax.random.key_data(jax.random.fold_in(state.rng, state.step)))
+    batch = next(s.objective.batches(s.config, 0, 0, 1))
     with jax.set_mesh(s.mesh):
-        for _ in range(n):
-            state, out = s.step(state, setup.global_batch(s, next(it)))
-            outs.append(jax.device_get(out))
-    return jax.device_get(state), outs
+        _, out = s.step(state, setup.global_batch(s, batch))
+    return s, params, batch, rng, jax.device_get(out)
 
 
-def test_sharded_step_equals_one_device(pairs):
-    s1, o1 = _steps(_cfg(pairs, **{"mesh.data": 1}), jax.devices()[:1], n=1)
-    s4, o4 = _steps(_cfg(pairs, **{"mesh.data": 2, "mesh.fsdp": 2}), jax.devices()[:4], n=1)
-    for k in ("loss", "sigmoid", "recon_mse", "grad_norm"):
-        np.testing.assert_allclose(o1[0][k], o4[0][k], rtol=1e-4, atol=1e-5, err_msg=k)
-    # The attention logit's bias has a zero gradient in exact arithmetic (a softmax does not see
-    # a shift), so Adam turns rounding noise into a full step there: left out.
-    s1.params["backbone"]["pool"]["attention_c"].pop("bias")
-    s4.params["backbone"]["pool"]["attention_c"].pop("bias")
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5),
-                 s1.params, s4.params)
+def _reference(s, params, batch, rng, **over):
+    """Loss, aux and gradients of the objective on one device without a mesh (whole-matrix
+    sigmoid loss), with the trainer's first-step dropout key."""
+    config = s.config.copy_and_resolve_references()
+    for k, v in over.items():
+        config.align[k] = v
+    rng = jax.random.wrap_key_data(rng)
+
+    def fn(p):
+        return align.loss(config, s.models, p, SimpleNamespace(params=params), batch, {}, rng)
+
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
 
-def test_frozen_omics_stay_fixed(pairs):
-    c = _cfg(pairs, **{"mesh.data": 1, "align.freeze_omics": True})
-    s = setup.setup(c, jax.devices()[:1])
-    first = jax.device_get(setup.create_state(s).params["omics"])
-    state, _ = _steps(c, jax.devices()[:1])
-    jax.tree.map(np.testing.assert_array_equal, first, state.params["omics"])
+def test_sharded_step_equals_one_device(first_step):
+    s, params, batch, rng, out8 = first_step
+    (loss, aux), grads = _reference(s, params, batch, rng)
+    m = aux["metrics"]
+    for k in ("loss", "sigmoid", "recon_mse"):
+        np.testing.assert_allclose(out8[k], m[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(out8["grad_norm"], optax.tree.norm(grads), rtol=1e-4)
+
+
+def test_frozen_omics_get_no_gradient_and_are_put_back(first_step):
+    s, params, batch, rng, _ = first_step
+    (_, aux), grads = _reference(s, params, batch, rng, freeze_omics=True)
+    assert all(not np.any(g) for g in jax.tree.leaves(grads["omics"]))
+    assert any(np.any(g) for g in jax.tree.leaves(grads["backbone"]))
+    # after the optimiser step (AdamW's weight decay moves every parameter) the omics go back
+    moved = s.abstract_state.replace(params=jax.tree.map(lambda x: x + 1.0, params))
+    back, _ = align.after_update(s.config, moved, aux, {})
+    jax.tree.map(np.testing.assert_array_equal, back.params["omics"], params["omics"])
+    np.testing.assert_array_equal(back.params["heads"]["bias"], params["heads"]["bias"] + 1)
 
 
 def test_resume_is_exact(pairs, tmp_path):
-    c = lambda steps: _cfg(pairs, **{"mesh.data": -1, "total_steps": steps,  # noqa: E731
-                                     "evals.retrieval.every": 0})
+    c = lambda steps: _cfg(pairs, **dict(RUN, total_steps=steps))  # noqa: E731
     train.train(c(8), str(tmp_path / "straight"))
     train.train(c(4), str(tmp_path / "resumed"))
     train.train(c(8), str(tmp_path / "resumed"))
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text(
         ).splitlines() if '"loss"' in x]  # noqa: E731
     a, b = read("straight"), read("resumed")
-    assert [h["step"] for h in a] == [h["step"] for h in b]
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [2, 4, 6, 8]
     for x, y in zip(a, b):
         np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-6)
 
