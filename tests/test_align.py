@@ -120,8 +120,8 @@ RUN = {"mesh.data": -1, "total_steps": 8, "evals.retrieval.every": 0}
 
 @pytest.fixture(scope="module")
 def first_step(pairs):
-    """(setup, initial params as numpy, first batch, its dropout key's data, metrics) of the trainer's first step on 8
-    devices (the chunked loss round 8 devices)."""
+    """(setup, initial params as numpy, first batch, its dropout key's data, metrics) of the
+    trainer's first step on 8 devices (the chunked loss round 8 devices)."""
     s = setup.setup(_cfg(pairs, **RUN), jax.devices())
     state = setup.create_state(s)
     params = jax.device_get(state.params)
