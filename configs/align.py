@@ -60,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.align = ml_collections.ConfigDict()
     c.align.proj_dim = 64
+    # SigLIP's initial temperature and bias (Zhai et al. 2023: t = 10, b = -10 for batches of
+    # 32k, where b = -10 starts the many negatives near their optimum); smaller batches
+    # have fewer negatives per positive, so presets may start b higher.
+    c.align.temperature_init = 10.0
+    c.align.bias_init = -10.0
     c.align.recon_weight = 1.0  # TANGLE's expression reconstruction; 0 turns it off
     c.align.chunked = True  # sigmoid loss in per-device chunks round the batch axes
     c.align.omics_init = ""  # an MGM workdir or cfm.export folder; "" = from scratch
@@ -107,6 +112,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.log_every = 2
         c.checkpoint_every = 4
     elif arg == "demo":
+        c.model.positions = False  # the synthetic program follows composition, not layout
         c.log_every = 25
         c.checkpoint_every = 100
         c.evals.retrieval.every = 100

@@ -17,6 +17,7 @@ reconstruction term: mean squared error over the batch's expression tokens).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -43,6 +44,8 @@ class AlignHeads(nn.Module):
     proj_dim: int
     vocab_size: int
     recon: bool
+    temperature_init: float = 10.0  # t = exp(t') at init (SigLIP: 10)
+    bias_init: float = sigmoid_loss.BIAS_INIT  # b at init (SigLIP: -10)
 
     def setup(self):
         dense = lambda f, name: nn.Dense(  # noqa: E731
@@ -51,8 +54,8 @@ class AlignHeads(nn.Module):
         self.slide_proj, self.omics_proj = dense(self.proj_dim, "slide"), dense(self.proj_dim,
                                                                                  "omics")
         self.t_prime = self.param("t_prime", nn.initializers.constant(
-            sigmoid_loss.T_PRIME_INIT), ())
-        self.bias = self.param("bias", nn.initializers.constant(sigmoid_loss.BIAS_INIT), ())
+            math.log(self.temperature_init)), ())
+        self.bias = self.param("bias", nn.initializers.constant(self.bias_init), ())
         if self.recon:
             self.read_out = dense(self.vocab_size, "recon")
 
@@ -130,9 +133,11 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         manifest = paired_pipeline.read_manifest(config.data.path)
     except ValueError as e:
         raise config_check.ConfigError(f"config.data.path={config.data.path!r}: {e}") from None
-    if config.align.recon_weight < 0 or config.align.proj_dim < 1:
-        raise config_check.ConfigError("config.align.recon_weight must be >= 0 and "
-                                       "config.align.proj_dim >= 1")
+    if config.align.recon_weight < 0 or config.align.proj_dim < 1 or not config.align.get(
+            "temperature_init", 10.0) > 0:
+        raise config_check.ConfigError("config.align.recon_weight must be >= 0, "
+                                       "config.align.proj_dim >= 1 and "
+                                       "config.align.temperature_init > 0")
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.model.in_dim = int(manifest["dim"])
@@ -160,7 +165,9 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     return Models(backbone_lib.from_config(config.model),
                   backbone_lib.from_config(config.omics_model),
                   AlignHeads(config.align.proj_dim, config.omics_model.vocab_size,
-                             config.align.recon_weight > 0))
+                             config.align.recon_weight > 0,
+                             config.align.get("temperature_init", 10.0),  # runs before both
+                             config.align.get("bias_init", sigmoid_loss.BIAS_INIT)))
 
 
 def init_params(config: ml_collections.ConfigDict, models: Models, rng: jax.Array) -> dict:
