@@ -1,6 +1,6 @@
 """Slide–omics alignment: the chunked sigmoid loss equals the whole-matrix one (values and
 gradients, 1, 2 and 8 devices), pair records, bad pairs, the objective's step on a sharded mesh
-equals 1 device, exact resume, retrieval recall."""
+equals 1 device, frozen omics, exact resume, export and load, retrieval recall."""
 
 import csv
 import json
@@ -13,6 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
+import cfm
 from cfm import setup, train
 from cfm.data import paired_pipeline
 from cfm.data.paired_records import decode_pair, encode_pair
@@ -84,7 +85,10 @@ def test_pair_records_round_trip_and_the_program_follows_composition(pairs):
     assert len(rows) == 32 and rows[0]["patient_id"].startswith("pt")
 
 
-def test_bad_pairs_error_or_are_counted(tmp_path):
+def test_bad_pairs_error_or_are_counted(tmp_path, capsys):
+    from data_prep import prepare_omics
+    from tests.test_prepare_omics import multiomics
+
     emb = tmp_path / "emb"
     emb.mkdir()
     np.save(emb / "embeddings-00000-of-00001.npy", np.ones((3, 4), np.float32))
@@ -92,13 +96,27 @@ def test_bad_pairs_error_or_are_counted(tmp_path):
                                    "embeddings-00000-of-00001.npy,0,sA,0,0\n"
                                    "embeddings-00000-of-00001.npy,1,sA,64,0\n"
                                    "embeddings-00000-of-00001.npy,2,sB,0,0\n")
+    table = tmp_path / "omics.csv"
+    multiomics(6).to_csv(table, index=False)  # patients S000 ... S005
     om = tmp_path / "om"
-    paired_synthetic.generate(str(om), patients=8, grid=4, n_genes=4, dim=4)
-    # A pairs folder is not an omics folder: the join names what it needs.
+    assert prepare_omics.main(["--input", str(table), "--out", str(om),
+                              "--expression-transform", "signed_log1p"]) == 0
     slides = tmp_path / "slides.csv"
-    slides.write_text("slide_id,patient_id\nsA,p1\n")
+    slides.write_text("slide_id,patient_id\nsA,S000\nsB,S001\nsC,S002\nsD,NOPE\n")
+    args = ["--embeddings", str(emb), "--omics", str(om), "--slides", str(slides)]
+    capsys.readouterr()
+    # the first bad row stops the run, named, on one line (sC has no tiles: an empty bag)
+    assert paired.main(args + ["--out", str(tmp_path / "p1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "line 4" in err and "no tiles" in err and "--skip-bad" in err
+    assert not (tmp_path / "p1").exists()
+    # --skip-bad: skipped and counted (no omics for sD; S003-S005 have omics but no slide)
+    m = paired.join(str(emb), str(om), str(slides), str(tmp_path / "p2"), skip_bad=True)
+    assert m["skipped"] == {"empty_bag": 1, "no_omics": 1, "no_slide": 3}
+    assert sum(v["pairs"] for v in m["splits"].values()) == 2
+    # a pairs folder is not an omics folder
     with pytest.raises((paired.PairError, ValueError)):
-        paired.join(str(emb), str(om), str(slides), str(tmp_path / "out"))
+        paired.join(str(emb), str(tmp_path / "p2"), str(slides), str(tmp_path / "p3"))
 
 
 def _cfg(path, **over):
@@ -167,7 +185,7 @@ def test_frozen_omics_get_no_gradient_and_are_put_back(first_step):
     np.testing.assert_array_equal(back.params["heads"]["bias"], params["heads"]["bias"] + 1)
 
 
-def test_resume_is_exact(pairs, tmp_path):
+def test_resume_is_exact_and_the_run_exports(pairs, tmp_path):
     c = lambda steps: _cfg(pairs, **dict(RUN, total_steps=steps))  # noqa: E731
     train.train(c(8), str(tmp_path / "straight"))
     train.train(c(4), str(tmp_path / "resumed"))
@@ -178,6 +196,30 @@ def test_resume_is_exact(pairs, tmp_path):
     assert [h["step"] for h in a] == [h["step"] for h in b] == [2, 4, 6, 8]
     for x, y in zip(a, b):
         np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-6)
+    _exports_and_loads_back(str(tmp_path / "straight"), tmp_path)
+
+
+def _exports_and_loads_back(workdir, tmp_path):
+    """cfm.export writes the slide family (encoder + both projections + the omics encoder) in
+    both JAX formats and cfm.load_pretrained / read_export / read_align_heads read it back."""
+    from cfm import checkpoint, export, pretrained
+
+    ckpt = checkpoint.read_config(workdir)
+    want = checkpoint.read_trees(ckpt, ("params",))["params"]
+    for fmt in ("safetensors", "orbax"):
+        out = str(tmp_path / f"export_{fmt}")
+        info = export.export(workdir, out, fmt)
+        assert info["architecture"]["family"] == "slide"
+        _, params = pretrained.read_export(out)
+        jax.tree.map(np.testing.assert_array_equal, params, want["backbone"])
+        extra = pretrained.read_align_heads(out)
+        jax.tree.map(np.testing.assert_array_equal, extra["heads"], want["heads"])
+        jax.tree.map(np.testing.assert_array_equal, extra["omics"], want["omics"])
+    with pytest.raises(export.ExportError, match="timm"):
+        export.export(workdir, str(tmp_path / "timm"), "timm")
+    model, params = cfm.load_pretrained(out)  # the module and params of the orbax export
+    assert model.width == info["architecture"]["width"]
+    jax.tree.map(np.testing.assert_array_equal, params, want["backbone"])
 
 
 def test_config_errors_name_the_key(tmp_path):
