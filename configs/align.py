@@ -4,15 +4,16 @@ expression read-out from the slide embedding (docs/align.md).
 
 Presets (the `:<arg>` after the file name); every one reads a pairs folder (data.path):
 
-  test   tiny sizes for tests/test_align.py (a 48-patient synthetic pairs folder).
+  test   tiny sizes for tests/test_align.py (a 32-patient synthetic pairs folder).
   demo   synthetic pairs whose tissue composition drives a known expression program:
            python -m data_prep.paired_synthetic --out /tmp/cfm_pairs
            python -m cfm.train --config configs/align.py:demo --workdir /tmp/cfm_align \
                --config.data.path=/tmp/cfm_pairs
-         300 steps of batch 64 (1m49s of CPU; 8m50s wall on a loaded 2-core machine).
-         Measured on the 100 held-out patients (chance recall@5 = 0.05): slide -> omics
-         recall@5 0.16 at step 200, 0.08 at step 300; omics -> slide 0.12, 0.13. Short of
-         the issue's target (5x chance); docs/align.md says what is left.
+           python -m benchmarks.align_eval --workdir /tmp/cfm_align
+         300 steps of batch 64 (~2 min of CPU, 3 min wall with the report on a loaded 2-core
+         machine). Should reach, on the 100 held-out patients: slide -> omics recall@5 >= 0.25
+         (5x chance 0.05; measured 0.30) and per-gene Pearson of ridge on the slide embedding
+         >= gated-attention MIL from scratch (measured 0.743 vs 0.710); docs/align.md.
   tcga   TCGA slides' tile embeddings joined to prepared omics (data_prep.paired); set
          data.path and align.omics_init (an MGM workdir or export of configs/omics_mgm.py:tcga).
 
