@@ -126,8 +126,9 @@ def mil_from_scratch(train: dict, test: dict, epochs: int, seed: int = 0) -> np.
                                   tr)
     y = np.concatenate([train["y"], test["y"]])
     cfg = ml_collections.ConfigDict(dict(
-        hidden=CLAM_HIDDEN, attention_dim=CLAM_ATTENTION, dropout=CLAM_DROPOUT, lr=1e-3, weight_decay=1e-5, batch_size=16, epochs=epochs,
-        min_epochs=min(20, epochs), patience=10))
+        hidden=CLAM_HIDDEN, attention_dim=CLAM_ATTENTION, dropout=CLAM_DROPOUT, lr=1e-3,
+        weight_decay=1e-5, batch_size=16, epochs=epochs, min_epochs=min(20, epochs),
+        patience=10))
     model, params, _ = mil.train_mil(packed, y, tr, val, y.shape[1], True, cfg, seed)
     pred, _ = mil.predict_mil(model, params, packed, np.arange(n, len(bags)))
     return pred

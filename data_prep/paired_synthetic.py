@@ -10,8 +10,8 @@ its own stain. Tissue tiles are rendered (`draw_tile`, 32 px at 2 um/px, so 64 u
 synthetic_tme) and each becomes a fixed, cheap feature vector: the tile's optical density pooled
 on a 4 x 4 grid (48 values) and its per-channel mean and spread, through a fixed random
 projection (N(0, 1/54) entries, so tanh stays mostly linear) and tanh to `--dim` values,
-z-scored per feature with the training patients' tiles. Background tiles are dropped (as tile_wsi drops them),
-so bags have variable size.
+z-scored per feature with the training patients' tiles. Background tiles are dropped (as
+tile_wsi drops them), so bags have variable size.
 
 The patient's expression program is a known function of the slide: for gene g,
 
