@@ -43,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
-from cfm import cli_help, errors, pretrained
+from cfm import cli_help, errors, export_slide, pretrained
 from cfm.atomic import atomic_folder
 from cfm.checkpoint import CheckpointError, flatten
 from cfm.models.backbone import architecture
@@ -146,57 +146,16 @@ def _omics_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     }
 
 
-ALIGN_FILE = "align_heads.safetensors"  # a slide export's projections and omics encoder
-
-
-def _slide_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
-    """config.json of a slide encoder (objective align): the encoder's architecture, and the
-    pieces of `ALIGN_FILE` (both projections, the loss's t' and b, the omics encoder they pair
-    with, whose architecture `omics_architecture` records)."""
-    if fmt == "timm":
-        raise ExportError("--format timm is for ViTs; export a slide encoder as orbax or "
-                          "safetensors")
-    return {
-        "architecture": architecture(config["model"]),
-        "omics_architecture": architecture(config["omics_model"]),
-        "preprocessing": {
-            "files": [ALIGN_FILE],
-            "recipe": "bags of the tile embeddings of the encoder the pairs were made with "
-                      "(cfm.embed), (x, y) in tile units; omics prepared with the pairs' "
-                      "vocab.tsv",
-            "align_heads": "heads.slide / heads.omics: Dense kernel [in, proj_dim] + bias, "
-                           "L2-normalise after; heads.t_prime, heads.bias: the sigmoid loss's "
-                           "log-temperature and bias; omics.*: the omics encoder",
-        },
-        "provenance": {
-            "step": int(step), "training_config": config, "cfm_version": cfm_version(),
-            "export_time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "weights": "the slide encoder; both projections and the omics encoder in "
-                       f"{ALIGN_FILE}",
-        },
-        "export": {"format": fmt, "dtype": dtype},
-    }
-
-
-def align_extras(workdir: str, step: int) -> dict:
-    """{"heads": projections, t', b (and the read-out), "omics": the omics encoder} of an
-    align run's checkpoint `step`, as host numpy arrays."""
-    from cfm import checkpoint
-
-    ckpt = checkpoint.read_config(workdir, step)
-    state = checkpoint.read_arrays(os.path.join(ckpt.step_dir, "state"),
-                                   [("params", "heads"), ("params", "omics")])
-    return {k: state["params"][k] for k in ("heads", "omics")}
-
-
 def build_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     """The export's config.json: architecture, preprocessing, provenance, export."""
     arch = architecture(config["model"])
     if arch["family"] == "omics":
         return _omics_info(config, step, fmt, dtype)
     if arch["family"] == "slide":
-        return _slide_info(config, step, fmt, dtype)
+        if fmt == "timm":
+            raise ExportError("--format timm is for ViTs; export a slide encoder as orbax or "
+                              "safetensors")
+        return export_slide.info(config, step, fmt, dtype)
     tiles, manifests, note = data_manifests(config.get("data", {}))
     info = {
         "architecture": arch,
@@ -379,26 +338,11 @@ def _training_tiles(prep: dict, note: str | None) -> str:
     return f"training tiles of {_either(size, 'px')} at {_either(mpp, 'um/px')}"
 
 
-def _slide_readme(info: dict, out: str) -> str:
-    arch, prov = info["architecture"], info["provenance"]
-    return (f"# cfm slide encoder ({arch['variant']}), step {prov['step']}\n\n"
-            f"Exported by `python -m cfm.export` (cfm {prov['cfm_version']}) on "
-            f"{prov['export_time_utc']} as `{info['export']['format']}`, "
-            f"{info['export']['dtype']} weights: a gated-attention slide encoder over bags of "
-            f"{arch['in_dim']}-d tile embeddings (width {arch['width']}), aligned with an "
-            f"omics encoder by slide-omics alignment (cfm objective `align`). {ALIGN_FILE} "
-            "holds both projections into the shared space and the omics encoder.\n\n"
-            "```python\nimport cfm\n"
-            f"model, params = cfm.load_pretrained({out!r})\n"
-            "slide = model.apply({'params': params}, bag, coords, mask)['embedding']\n"
-            f"heads = cfm.pretrained.read_align_heads({out!r})\n```\n")
-
-
 def _readme(info: dict, out: str) -> str:
     if info["architecture"].get("family") == "omics":
         return _omics_readme(info, out)
     if info["architecture"].get("family") == "slide":
-        return _slide_readme(info, out)
+        return export_slide.readme(info, out)
     arch, prep, prov = info["architecture"], info["preprocessing"], info["provenance"]
     fmt = info["export"]["format"]
     head = (f"# cfm {arch['variant']} teacher backbone, step {prov['step']}\n\n"
@@ -431,7 +375,8 @@ def _readme(info: dict, out: str) -> str:
 def _write(tmp: str, info: dict, params: dict, out: str, extras: dict | None = None) -> None:
     fmt, dtype = info["export"]["format"], info["export"]["dtype"]
     if extras:  # a slide encoder's projections and omics encoder: safetensors in any format
-        save_file(_cast(flatten(extras), dtype), os.path.join(tmp, ALIGN_FILE),
+        save_file(_cast(flatten(extras), dtype),
+                  os.path.join(tmp, export_slide.ALIGN_FILE),
                   metadata={"format": "cfm"})
     if fmt == "orbax":
         with ocp.PyTreeCheckpointer() as ckptr:
@@ -447,7 +392,7 @@ def _write(tmp: str, info: dict, params: dict, out: str, extras: dict | None = N
         f.write(_readme(info, out))
     root = info["provenance"]["training_config"].get("data", {}).get("path", "")
     for name in info["preprocessing"].get("files", []):  # omics: vocabulary and statistics
-        if name == ALIGN_FILE:
+        if name == export_slide.ALIGN_FILE:
             continue
         shutil.copyfile(os.path.join(root, name), os.path.join(tmp, name))
 
@@ -464,7 +409,8 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder or "
                               "pass --overwrite")
     config, params, step = pretrained.read_checkpoint(workdir, step)
-    extras = align_extras(workdir, step) if config.get("objective") == "align" else None
+    extras = (export_slide.align_extras(workdir, step) if config.get("objective") == "align"
+              else None)
     return write_export(out, config, params, step, fmt, dtype, extras=extras)
 
 
@@ -476,7 +422,7 @@ def write_export(out: str, config: dict, params: dict, step: int, fmt: str = "sa
     of config's data.path), with `provenance` added to config.json's; returns config.json's
     dict. Also used by cfm.federated's pretraining. Nothing appears at `out` unless the whole
     export succeeds; an existing `out` is replaced only then. `extras` (a slide
-    encoder's heads and omics encoder, `align_extras`) go to ALIGN_FILE."""
+    encoder's heads and omics encoder, `export_slide.align_extras`) go to its ALIGN_FILE."""
     info = build_info(config, step, fmt, dtype)
     info["provenance"].update(provenance or {})
     with atomic_folder(out) as tmp:  # --overwrite: the old export stays until the new one is in
