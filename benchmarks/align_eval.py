@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="train configs/align.py:demo into --workdir first (default: only if "
                          "it has no checkpoint)")
     ap.add_argument("--override", nargs="*", default=[],
-                    help="config key=value pairs for --train, e.g. total_steps=200")
+                    help="config key=value pairs for --train, e.g. total_steps=200 "
+                         "(default: none)")
     ap.add_argument("--mil-epochs", type=int, default=80, help="MIL epochs (early-stopped)")
     ap.add_argument("--out", default="", help="JSON result (default: WORKDIR/align_eval.json)")
     args = ap.parse_args(argv)
