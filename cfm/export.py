@@ -409,8 +409,8 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder or "
                               "pass --overwrite")
     config, params, step = pretrained.read_checkpoint(workdir, step)
-    extras = (export_slide.align_extras(workdir, step) if config.get("objective") == "align"
-              else None)
+    slide = architecture(config["model"])["family"] == "slide"  # the align objective's
+    extras = export_slide.align_extras(workdir, step) if slide else None
     return write_export(out, config, params, step, fmt, dtype, extras=extras)
 
 
