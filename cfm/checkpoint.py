@@ -448,9 +448,9 @@ def read_trees(ckpt: StepConfig, names: Sequence[str], backbone_only: bool = Fal
         for n in names:
             if n in state:
                 tree = state[n]["backbone"] if backbone_only else state[n]
-                trees[n] = (unstack_blocks(tree, ckpt.arch["depth"]) if backbone_only else
-                            dict(tree, backbone=unstack_blocks(tree["backbone"],
-                                                               ckpt.arch["depth"])))
+                depth = ckpt.arch.get("depth", 0)  # a slide encoder has no blocks
+                trees[n] = (unstack_blocks(tree, depth) if backbone_only else
+                            dict(tree, backbone=unstack_blocks(tree["backbone"], depth)))
     except Exception as e:  # noqa: BLE001
         what = " and ".join(f"the {n}{' backbone' if backbone_only else ''}" for n in names)
         verb = "does" if len(names) == 1 else "do"

@@ -43,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
-from cfm import cli_help, errors, pretrained
+from cfm import cli_help, errors, export_slide, pretrained
 from cfm.atomic import atomic_folder
 from cfm.checkpoint import CheckpointError, flatten
 from cfm.models.backbone import architecture
@@ -151,6 +151,11 @@ def build_info(config: dict, step: int, fmt: str, dtype: str) -> dict:
     arch = architecture(config["model"])
     if arch["family"] == "omics":
         return _omics_info(config, step, fmt, dtype)
+    if arch["family"] == "slide":
+        if fmt == "timm":
+            raise ExportError("--format timm is for ViTs; export a slide encoder as orbax or "
+                              "safetensors")
+        return export_slide.info(config, step, fmt, dtype)
     tiles, manifests, note = data_manifests(config.get("data", {}))
     info = {
         "architecture": arch,
@@ -336,6 +341,8 @@ def _training_tiles(prep: dict, note: str | None) -> str:
 def _readme(info: dict, out: str) -> str:
     if info["architecture"].get("family") == "omics":
         return _omics_readme(info, out)
+    if info["architecture"].get("family") == "slide":
+        return export_slide.readme(info, out)
     arch, prep, prov = info["architecture"], info["preprocessing"], info["provenance"]
     fmt = info["export"]["format"]
     head = (f"# cfm {arch['variant']} teacher backbone, step {prov['step']}\n\n"
@@ -365,8 +372,12 @@ def _readme(info: dict, out: str) -> str:
         "features = model.apply({'params': params}, images)['cls']  # images NHWC\n```\n")
 
 
-def _write(tmp: str, info: dict, params: dict, out: str) -> None:
+def _write(tmp: str, info: dict, params: dict, out: str, extras: dict | None = None) -> None:
     fmt, dtype = info["export"]["format"], info["export"]["dtype"]
+    if extras:  # a slide encoder's projections and omics encoder: safetensors in any format
+        save_file(_cast(flatten(extras), dtype),
+                  os.path.join(tmp, export_slide.ALIGN_FILE),
+                  metadata={"format": "cfm"})
     if fmt == "orbax":
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, ORBAX_DIR), _cast(params, dtype))
@@ -381,6 +392,8 @@ def _write(tmp: str, info: dict, params: dict, out: str) -> None:
         f.write(_readme(info, out))
     root = info["provenance"]["training_config"].get("data", {}).get("path", "")
     for name in info["preprocessing"].get("files", []):  # omics: vocabulary and statistics
+        if name == export_slide.ALIGN_FILE:
+            continue
         shutil.copyfile(os.path.join(root, name), os.path.join(tmp, name))
 
 
@@ -396,20 +409,24 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, dtype: str
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder or "
                               "pass --overwrite")
     config, params, step = pretrained.read_checkpoint(workdir, step)
-    return write_export(out, config, params, step, fmt, dtype)
+    slide = architecture(config["model"])["family"] == "slide"  # the align objective's
+    extras = export_slide.align_extras(workdir, step) if slide else None
+    return write_export(out, config, params, step, fmt, dtype, extras=extras)
 
 
 def write_export(out: str, config: dict, params: dict, step: int, fmt: str = "safetensors",
-                 dtype: str = "float32", provenance: dict | None = None) -> dict:
+                 dtype: str = "float32", provenance: dict | None = None,
+                 extras: dict | None = None) -> dict:
     """Write backbone `params` (numpy, per-block layout) of a run whose training config is
     `config` (a dict) to `out` as an export (the config.json, README and, for omics, the files
     of config's data.path), with `provenance` added to config.json's; returns config.json's
     dict. Also used by cfm.federated's pretraining. Nothing appears at `out` unless the whole
-    export succeeds; an existing `out` is replaced only then."""
+    export succeeds; an existing `out` is replaced only then. `extras` (a slide
+    encoder's heads and omics encoder, `export_slide.align_extras`) go to its ALIGN_FILE."""
     info = build_info(config, step, fmt, dtype)
     info["provenance"].update(provenance or {})
     with atomic_folder(out) as tmp:  # --overwrite: the old export stays until the new one is in
-        _write(tmp, info, params, out)
+        _write(tmp, info, params, out, extras)
     return info
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from cfm.config_check import ConfigError
-from cfm.ssl import dinov2, mgm
+from cfm.ssl import align, dinov2, mgm
 from cfm.ssl.objective import Objective
 
 OBJECTIVES: dict[str, Objective] = {
     "dinov2": dinov2.OBJECTIVE,  # configs/dino_vit.py: ViT on tiles, DINO + iBOT + KoLeo
     "mgm": mgm.OBJECTIVE,  # configs/omics_mgm.py: omics transformer, masked gene modelling
+    "align": align.OBJECTIVE,  # configs/align.py: slide encoder aligned with omics (SigLIP)
 }
 DEFAULT = "dinov2"  # configs (and checkpoints) from before `config.objective` existed
 

@@ -33,7 +33,8 @@ from cfm.models.backbone import abstract_params, architecture, build_backbone
 __all__ = [  # the tree helpers and the backbone factory are re-exported for callers
     "CONFIG_FILE", "ORBAX_DIR", "WEIGHTS_FILE", "CheckpointError", "Pretrained",
     "abstract_params", "architecture", "build_backbone", "check_params", "flatten", "load",
-    "load_pretrained", "map_dict", "read_checkpoint", "read_export", "unflatten",
+    "load_pretrained", "map_dict", "read_align_heads", "read_checkpoint", "read_export",
+    "unflatten",
     "unstack_blocks"]
 
 CONFIG_FILE = "config.json"
@@ -96,6 +97,16 @@ def read_export(path: str) -> tuple[dict, dict]:
                               f"({type(e).__name__}: {str(e)[:300]})") from None
     check_params(params, arch, f"export {path}")
     return info, params
+
+
+def read_align_heads(path: str) -> dict:
+    """{"heads": {slide, omics (Dense kernel/bias), t_prime, bias, ...}, "omics": the omics
+    encoder} of a slide encoder's export (cfm.export of an `align` run), as numpy."""
+    file = os.path.join(path, "align_heads.safetensors")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path} has no align_heads.safetensors: not the export of a "
+                              "slide-omics alignment run")
+    return unflatten(load_file(file))
 
 
 def load(path: str, step: int | None = None, dtype: Any = None,

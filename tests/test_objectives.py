@@ -9,7 +9,7 @@ import pytest
 
 from cfm import objectives
 from cfm.config_check import ConfigError
-from cfm.ssl import dinov2, mgm
+from cfm.ssl import align, dinov2, mgm
 from cfm.ssl.objective import Objective
 from tests.conftest import ROOT, load_config
 
@@ -29,7 +29,8 @@ def test_objective_fields():
         "dinov2", "images", "teacher")
     assert (mgm.OBJECTIVE.name, mgm.OBJECTIVE.unit, mgm.OBJECTIVE.export_tree) == (
         "mgm", "samples", "params")
-    assert objectives.OBJECTIVES == {"dinov2": dinov2.OBJECTIVE, "mgm": mgm.OBJECTIVE}
+    assert objectives.OBJECTIVES == {"dinov2": dinov2.OBJECTIVE, "mgm": mgm.OBJECTIVE,
+                                     "align": align.OBJECTIVE}
 
 
 def test_config_without_objective_is_dinov2():
@@ -43,7 +44,7 @@ def test_unknown_objective_names_the_choices():
     config = ml_collections.ConfigDict(load_config("dino_vit.py", "test").to_dict())
     config.objective = "simclr"
     with pytest.raises(ConfigError, match=r"config.objective='simclr': choose one of "
-                                          r"\['dinov2', 'mgm'\]"):
+                                          r"\['align', 'dinov2', 'mgm'\]"):
         objectives.get(config)
 
 

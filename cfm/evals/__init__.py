@@ -56,6 +56,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # mask_ratio and neighbours: benchmarks/omics_eval.py's defaults.
     "mgm": dict(_COMMON, type="mgm", split="val", mask_ratio=0.3, neighbours=10,
                 max_samples=256, max_train=1024, seed=0),
+    # Held-out cross-modal retrieval of slide-omics alignment (cfm/evals/align.py).
+    "align": dict(_COMMON, type="align", split="test"),
 }
 
 

@@ -12,6 +12,7 @@ import ml_collections
 
 from cfm.config_check import ConfigError
 from cfm.evals import TILE_KEYS, forward, named_entries, tile_sets
+from cfm.evals.align import RetrievalEvaluator
 from cfm.evals.base import Evaluator, check, fail
 from cfm.evals.health import HealthEvaluator
 from cfm.evals.omics import MGMEvaluator
@@ -57,6 +58,10 @@ def build_evaluators(config: ml_collections.ConfigDict, setup: Any) -> list[Eval
                 raise
             except (OSError, ValueError) as err:
                 fail(name, "type", t, f"the run's training data does not read ({err})")
+        elif t == "align":
+            check(setup.objective.name == "align", name, "type", t, "retrieval evaluates "
+                  f"slide-omics alignment; this run trains {setup.objective.name!r}")
+            evaluators.append(RetrievalEvaluator(name, every, setup, e))
         else:
             check(not forward.takes_images(setup), name, "type", t, "masked gene modelling "
                   f"evaluates omics models; this run trains {setup.objective.name!r}")

@@ -69,8 +69,8 @@ def _compiled(model: GatedAttentionMIL, lr: float, weight_decay: float, regressi
                      optax.adam(lr))
 
     def loss_of(out, y):
-        if regression:
-            return jnp.mean((out[:, 0] - y) ** 2)
+        if regression:  # y [B] (one target) or [B, n_outputs] (e.g. a gene program)
+            return jnp.mean(((out[:, 0] if y.ndim == 1 else out) - y) ** 2)
         return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
     def loss_fn(p, feats, mask, y, dkey):

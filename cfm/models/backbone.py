@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfm.models import omics, vit
+from cfm.models import omics, slide, vit
 
 
 class ArchitectureError(ValueError):
@@ -27,6 +27,8 @@ def architecture(model_cfg: Any) -> dict:
     """The released backbone's architecture (config.json "architecture") from `config.model`
     of a training config (a ConfigDict or dict)."""
     m = dict(model_cfg)
+    if m["variant"] == slide.VARIANT:
+        return slide.architecture(m)
     if m["variant"] in omics.VARIANTS:
         o = omics.spec(m["variant"])
         return {
@@ -63,6 +65,8 @@ def build_backbone(arch: dict, dtype: Any = None, **overrides: Any) -> nn.Module
     `overrides` any other field of the module (drop_path_rate, remat, attention, scan_layers
     for a ViT, ...)."""
     dtype = jnp.dtype(dtype or jnp.float32)
+    if arch.get("family") == "slide":
+        return slide.build(arch, dtype, **overrides)
     if arch.get("family") == "omics":
         kw = dict(variant=arch["variant"], vocab_size=arch["vocab_size"], n_bins=arch["n_bins"],
                   value_encoding=arch["value_encoding"], layerscale_init=arch["layerscale"],
@@ -88,6 +92,8 @@ def build_backbone(arch: dict, dtype: Any = None, **overrides: Any) -> nn.Module
 def from_config(model_cfg: Any) -> nn.Module:
     """The backbone a training config's `config.model` describes, with its training fields."""
     m = dict(model_cfg)
+    if m["variant"] == slide.VARIANT:
+        return build_backbone(architecture(m), m["dtype"], dropout=m["dropout"])
     train = dict(drop_path_rate=m["drop_path_rate"], remat=m["remat"], attention=m["attention"])
     if m["variant"] not in omics.VARIANTS:
         train["scan_layers"] = m["scan_layers"]
@@ -96,6 +102,8 @@ def from_config(model_cfg: Any) -> nn.Module:
 
 def dummy_inputs(arch: dict) -> tuple[tuple, dict]:
     """(args, kwargs) of one tiny batch that `module.init` accepts, for shapes only."""
+    if arch.get("family") == "slide":
+        return slide.dummy_inputs(arch), {}
     if arch.get("family") == "omics":
         t = jnp.zeros((1, 4), jnp.int32)
         return (t, t, t.astype(jnp.float32), t), {"value_mask": t.astype(bool)}
@@ -107,7 +115,7 @@ def dummy_inputs(arch: dict) -> tuple[tuple, dict]:
 def abstract_params(arch: dict, scan_layers: bool = False) -> dict:
     """Shapes and dtypes (jax.ShapeDtypeStruct) of the backbone parameters, mask token included,
     in the per-block (or, for a ViT with `scan_layers`, the stacked `blocks`) layout."""
-    module = build_backbone(arch) if arch.get("family") == "omics" else build_backbone(
+    module = build_backbone(arch) if arch.get("family") in ("omics", "slide") else build_backbone(
         arch, scan_layers=scan_layers)
     args, kwargs = dummy_inputs(arch)
     shapes = jax.eval_shape(lambda r: module.init(r, *args, **kwargs), jax.random.key(0))
