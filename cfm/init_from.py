@@ -317,6 +317,9 @@ def check_family(source: dict, target: dict, path: str) -> None:
         raise _err(path, f"its {fam_s} backbone ({source['variant']}) cannot initialise "
                          f"this {fam_t} run (model.variant={target['variant']}); pick a "
                          f"{fam_t} source")
+    if fam_s not in STEMS:
+        raise _err(path, f"init_from takes ViT or omics backbones, not a {fam_s} one "
+                         f"({source['variant']})")
     if fam_s == "vit" and source["patch"] != target["patch"]:
         raise _err(path, f"patch {source['patch']} ({source['variant']}) but this run's "
                          f"model.variant={target['variant']} has patch {target['patch']}: the "

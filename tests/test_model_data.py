@@ -123,6 +123,9 @@ def test_omics_backbone_initialises_only_an_omics_run_on_its_vocabulary(omics, c
     vit_arch = compat.model_spec(str(random_vit_export(tmp / "vit"))).arch
     with pytest.raises(init_from.InitFromError, match="patch 8 .* has patch 4"):
         init_from.check_family(vit_arch, dict(vit_arch, patch=4, variant="vit_p4"), out)
+    slide = {"family": "slide", "variant": "slide_test"}
+    with pytest.raises(init_from.InitFromError, match="ViT or omics backbones, not a slide"):
+        init_from.check_family(slide, slide, out)
 
     c = load_config("omics_mgm.py", "test")
     c.data.source, c.data.path, c.init_from = "prepared", b, out
