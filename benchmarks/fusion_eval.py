@@ -12,8 +12,9 @@ a pretrained omics encoder, beside the signatures and the linear baselines.
   patient-weighted mean over the test cohorts. cfm's models are the mean over `--seeds`
   (their spread is printed: changing only the seed moves one run by ~0.04).
 - `tcga`: overall survival, 5-fold CV within BLCA, LUAD, KIRC and the three pooled into one
-  cohort (`configs/finetune/tcga_survival.py:pooled`, folds stratified by type and event), Harrell's c-index of the same models beside
-  penalised Cox on PCA-32 + clinical and the signatures.
+  cohort (`configs/finetune/tcga_survival.py:pooled`, folds stratified by type and event),
+  Harrell's c-index of the same models beside penalised Cox on PCA-32 + clinical and the
+  signatures.
 - `--ablation`: each task also with clinical variables only and omics only (raw and encoder).
 
 Every run is cfm.finetune's own pipeline in this process (`cfm.finetune.run`, no
