@@ -155,7 +155,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30, help="server rounds of each run")
     p.add_argument("--cohorts", default="Hugo,Riaz,Van_Allen,Mariathasan,Miao,Padron",
                    help="ICB cohorts, each a site and in turn the held-out cohort")
-    p.add_argument("--skip", default="", help="icb or tcga: leave that part out (default: run both)")
+    p.add_argument("--skip", default="",
+                   help="icb or tcga: leave that part out (default: run both)")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cfm_fed_bench_")
     try:

@@ -96,9 +96,10 @@ def _pearson_per_gene(truth: dict, pred: dict) -> float:
 def evaluate(workdir: str, data: str, splits=("val", "test"), mask_ratio: float = 0.3,
              neighbours: int = 10, label: str = "oncotree_code", seed: int = 0,
              trust_data: bool = False, probes: bool = True) -> dict:
-    """The result dict (imputation, probes unless `probes` is False); first `cfm.compat.check_omics`: CompatError (a
-    ValueError) when `data` was prepared under another vocabulary or normalisation than the
-    run trained on (`trust_data`: go on where the run's own files cannot be found)."""
+    """The result dict (imputation, probes unless `probes` is False); first
+    `cfm.compat.check_omics`: CompatError (a ValueError) when `data` was prepared under
+    another vocabulary or normalisation than the run trained on (`trust_data`: go on where
+    the run's own files cannot be found)."""
     from sklearn.impute import KNNImputer
 
     t0 = time.perf_counter()

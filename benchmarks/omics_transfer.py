@@ -149,8 +149,8 @@ def run(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| held-out type | pretrained on | steps on the type | gene coverage | encoder r | kNN r (own "
-           "type) | mean r | encoder - kNN |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| held-out type | pretrained on | steps on the type | gene coverage | encoder r | "
+           "kNN r (own type) | mean r | encoder - kNN |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         src = r["sources"] + (f" ({r['pretrain_steps']} steps)" if r["pretrain_steps"] else "")
         out.append(f"| {r['held_out_type'].upper()} ({r['held_out']} held out) | {src} | "

@@ -48,7 +48,8 @@ def test_leave_one_type_out_runs_and_reports(tmp_path, capsys):
         assert r["held_out_type"] == "kirc" and r["coverage"] == pytest.approx(30 / 40)
         assert r["held_out"] > 0 and r["train"] > 0
         assert all(np.isfinite(r[m]) for m in ("cfm", "knn", "mean/mode"))
-    assert rows[0]["knn"] == rows[1]["knn"] == rows[2]["knn"]  # one kNN reference, fitted on KIRC's own patients
+    # one kNN reference, fitted on KIRC's own patients
+    assert rows[0]["knn"] == rows[1]["knn"] == rows[2]["knn"]
     assert rows[0]["cfm"] != rows[1]["cfm"]  # the adapted encoder is another model
     # the sources never include the held-out type; the adaptation started from the encoder
     sources = (out / "tcga_without_kirc_data" / "manifest.json").read_text()

@@ -10,9 +10,10 @@ GZMA is absent), each used as risk = -score.
 
 Presets: `blca`, `luad`, `kirc` (one type), `all` (the three, one after the other, one
 sub-folder each), `pooled` (the three as one cohort, `data.cancer = "blca+luad+kirc"`: the omics
-features all three have, a 0/1 indicator per type, folds stratified by type and event), `nll` (BLCA with MCAT's discrete-time NLL head instead of Cox), `test`
-(tiny, for the tests). Features: `_rnaseq` (signed log1p, z-scored on the training patients,
-clipped at +-5), `_cnv` / 2, `_mut` 0/1; clinical: age, sex and (BLCA only) stage.
+features all three have, a 0/1 indicator per type, folds stratified by type and event), `nll`
+(BLCA with MCAT's discrete-time NLL head instead of Cox), `test` (tiny, for the tests).
+Features: `_rnaseq` (signed log1p, z-scored on the training patients, clipped at +-5),
+`_cnv` / 2, `_mut` 0/1; clinical: age, sex and (BLCA only) stage.
 
 Figures reached (Harrell's c-index, 95% bootstrap CI; 2 CPU cores shared with other jobs at
 load ~7):
@@ -44,7 +45,8 @@ def get_config(arg: str = "blca") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "tcga"
     c.data.path = "../shared/data"
-    c.data.cancer = "blca"  # blca | luad | kirc; a comma list: one after the other; a + list: pooled
+    # blca | luad | kirc; a comma list: one after the other; a + list: pooled
+    c.data.cancer = "blca"
     c.data.omics_kinds = "rnaseq,cnv,mut"
     c.data.clinical = "age,sex_female,stage"
     c.data.labels = ""
