@@ -1,4 +1,5 @@
-"""The fast exact GELU and the CPU attention spelling compute the textbook functions."""
+"""The fast exact GELU, the CPU attention spelling and the leading-axis sums compute the textbook
+functions."""
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +34,22 @@ def test_attention_spellings_agree():
     np.testing.assert_allclose(ref, np.einsum("bhts,bshd->bthd", p, vn), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="model.attention"):
         ops.attention(q, k, v, "flash9")
+
+
+def test_sum_rows_and_scale_columns_match_jnp_with_gradients():
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k1, (37, 300))
+    w = jax.random.uniform(k2, (37,))
+    s = jax.random.normal(k3, (300,))
+    np.testing.assert_allclose(ops.sum_rows(x), jnp.sum(x, axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.sum_rows(x, w), jnp.sum(w[:, None] * x, axis=0), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(ops.scale_columns(x, s), x * s, rtol=1e-6)
+
+    def loss(f):
+        return lambda x, s: jnp.sum(jnp.sin(f(x, s)) * jnp.arange(300.0))
+
+    got = jax.grad(loss(ops.scale_columns), argnums=(0, 1))(x, s)
+    ref = jax.grad(loss(lambda x, s: x * s), argnums=(0, 1))(x, s)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

@@ -27,7 +27,7 @@ class WeightNormPrototypes(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         v = self.param("kernel", _init(TRUNC, ("embed", "vocab")), (x.shape[-1], self.n_prototypes))
         g = self.param("scale", _init(nn.initializers.ones, ("vocab",)), (self.n_prototypes,))
-        w = v * (g / jnp.sqrt(jnp.sum(v * v, axis=0) + 1e-12))
+        w = ops.scale_columns(v, g / jnp.sqrt(ops.sum_rows(v * v) + 1e-12))
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 

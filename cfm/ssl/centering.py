@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cfm.models import ops
+
 
 def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
     """a / b where b > 0, and a / 1 (which is 0 for all-zero padding) where b == 0; never NaN."""
@@ -77,15 +79,14 @@ def update_center(
     if t.ndim != 2 or c.shape != t.shape[1:]:
         raise ValueError(f"update_center: teacher_logits {t.shape} must be [N, K], center [K]")
     if weights is None:
-        batch_mean = jnp.mean(t, axis=0)
+        batch_mean = ops.sum_rows(t) / t.shape[0]
         return c * momentum + batch_mean * (1.0 - momentum)
     w = jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32))
     if w.shape != t.shape[:1]:
         raise ValueError(f"update_center: weights {w.shape} must be [N={t.shape[0]}]")
     total = jnp.sum(w)
     # `where` so garbage (even NaN) in zero-weight padding rows cannot leak into the sum.
-    weighted = jnp.where(w[:, None] != 0, w[:, None] * t, 0.0)
-    batch_mean = _safe_div(jnp.sum(weighted, axis=0), total)
+    batch_mean = _safe_div(ops.sum_rows(jnp.where(w[:, None] != 0, t, 0.0), w), total)
     return jnp.where(total > 0, c * momentum + batch_mean * (1.0 - momentum), c)
 
 
@@ -148,7 +149,7 @@ def sinkhorn_knopp(
     q = _safe_div(q, jnp.sum(q))
 
     def one_iteration(_: int, q: jax.Array) -> jax.Array:
-        q = _safe_div(q, jnp.sum(q, axis=0, keepdims=True)) / n_protos  # per prototype: 1/K
+        q = _safe_div(q, ops.sum_rows(q)[None, :]) / n_protos  # per prototype: 1/K
         q = _safe_div(q, jnp.sum(q, axis=1, keepdims=True))  # per sample: 1/B ...
         return _safe_div(q, n_valid)  # ... B may be 0 in a degenerate step
 
