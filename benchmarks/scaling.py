@@ -2,7 +2,8 @@
 from ahead-of-time compiles (`cfm.aot`) on this machine: no TPU needed, libtpu is.
 
     pip install -e ".[tpu]"
-    python benchmarks/scaling.py [--quick] [--jobs 2] [--out benchmarks/scaling_table.md]
+    python benchmarks/scaling.py [--quick] [--only vit_l16] [--jobs 2]
+        [--out benchmarks/scaling_table.md]
 
 Each row compiles the real train step (2 x 224 global + 8 local crops: 96 px for ViT-L/16, as
 DINOv2's default config, 98 px for ViT-g/14; bfloat16 compute, float32 parameters, layers under
@@ -18,7 +19,8 @@ replicated total / N; (c) the estimated MFU of the ViT-g/14 step on v5p is >= 55
 v5p row that XLA costed whole). The estimate is cfm.aot's roofline (XLA FLOPs / peak vs bytes
 / HBM bandwidth, collectives assumed hidden), so it is an upper bound; rows compiled with scanned
 layers get only a ceiling (`<=`), since XLA's cost analysis counts one layer per scan loop, so
-`--quick` adds one unrolled ViT-g/14 compile for (c). Last line: `name=value` pairs.
+`--quick` adds one unrolled ViT-g/14 compile for (c), and unrolled ViT-L/16 compiles with and
+without remat (reported after the targets). Last line: `name=value` pairs.
 
 Cost, on 2 cores: a compile that XLA refuses as over HBM stops after buffer assignment (30-70 s);
 one that fits goes on through code generation (15-17 min for ViT-g/14 with scanned layers); an
@@ -121,10 +123,14 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()):
 def plan(quick: bool) -> list[tuple]:
     """(preset, batch, generation, layout, chips) rows to compile."""
     # Target (c) needs XLA's FLOPs and bytes of the whole step, which scanned layers hide: one
-    # unrolled ViT-g/14 compile at 16 images per chip (as batch 1024 on 64 chips).
+    # unrolled ViT-g/14 compile at 16 images per chip (as batch 1024 on 64 chips), and the
+    # ViT-L/16 row unrolled too, with and without remat, so that its estimates are not only
+    # scan ceilings (issue 19).
     first = [("vit_g14", 4096, "v5e", "fsdp", 256), ("vit_g14", 1024, "v5p", "fsdp", 64),
              ("vit_g14", 256, "v5p", "fsdp", 16, "unrolled"),
-             ("vit_g14", 4096, "v5p", "fsdp", 256), ("vit_l16", 1024, "v5p", "fsdp", 16)]
+             ("vit_g14", 4096, "v5p", "fsdp", 256), ("vit_l16", 1024, "v5p", "fsdp", 16),
+             ("vit_l16", 1024, "v5p", "fsdp", 16, "unrolled"),
+             ("vit_l16", 1024, "v5p", "fsdp", 16, "unrolled", "remat off")]
     if quick:  # what the targets need
         return first
     return first + [(p, b, g, lay, n) for p, b in MODELS for g in SLICES for n in SLICES[g]
@@ -133,11 +139,13 @@ def plan(quick: bool) -> list[tuple]:
 
 def run_row(row, cache, timeout_s, deadline) -> list[dict]:
     """Remat off, then on if it did not fit; target (a)'s row always gets remat on too. The
-    "unrolled" row compiles without nn.scan (remat on), so XLA's FLOPs and bytes are whole."""
+    "unrolled" row compiles without nn.scan (remat on unless the row adds "remat off"), so
+    XLA's FLOPs and bytes are whole."""
     preset, batch, gen, layout, n = row[:5]
     mesh, topo = meshes(n)[layout], SLICES[gen][n]
-    if row[5:] == ("unrolled",):
-        out = [compile_one(preset, batch, topo, mesh, True, cache, timeout_s, deadline, False)]
+    if row[5:6] == ("unrolled",):
+        remat = row[6:] != ("remat off",)
+        out = [compile_one(preset, batch, topo, mesh, remat, cache, timeout_s, deadline, False)]
     else:
         out = [compile_one(preset, batch, topo, mesh, False, cache, timeout_s, deadline)]
         need_remat = not out[0].get("fits", True) and "error" not in out[0]
@@ -174,7 +182,8 @@ def table(rows: list[dict]) -> str:
         ceiling = "<= " if r["xla_cost_counts_scan_body_once"] and r["est_mfu"] else ""
         lines.append(
             f"| {model} | {r['batch']} | {r['topology_name']} ({r['chips']}) | {mesh} | "
-            f"{'on' if r['remat'] else 'off'} | {mem / GiB:.1f} / {hbm / GiB:.0f} GiB | "
+            f"{'on' if r['remat'] else 'off'}{'' if r['scan_layers'] else ', unrolled'} | "
+            f"{mem / GiB:.1f} / {hbm / GiB:.0f} GiB | "
             f"{'yes' if r['fits'] else '**no**'} | {st['per_chip'] / GiB:.3f} GiB "
             f"({st['per_chip'] / st['total_over_chips']:.3f}) | "
             f"{_num(r['est_step_s'], 1, '.2f', ' s')} | {ceiling}{_pct(r['est_mfu'])} | "
@@ -228,6 +237,16 @@ def targets(rows: list[dict]) -> tuple[list[str], dict[str, str]]:
         ceil = max(r["est_mfu"] for r in c)
         lines.append(f"(c) ViT-g/14 on v5p: only scanned-layer compiles, whose XLA cost counts "
                      f"one layer; compute-bound ceiling {100 * ceil:.0f}% -> not measured")
+    l16 = [r for r in ok if r["preset"] == "vit_l16" and r["generation"] == "v5p" and r["fits"]
+           and r["est_mfu"] is not None and not r["xla_cost_counts_scan_body_once"]]
+    for r in sorted(l16, key=lambda r: r["remat"]):
+        remat = "on" if r["remat"] else "off"
+        kv[f"vit_l16_v5p_mfu_remat_{remat}"] = f"{r['est_mfu']:.3f}"
+        lines.append(f"ViT-L/16 on v5p, layers unrolled (XLA's whole cost, not a ceiling): "
+                     f"estimated MFU {100 * r['est_mfu']:.1f}% (batch {r['batch']}, "
+                     f"{r['topology_name']}, fsdp={r['chips']}, remat {remat}; step "
+                     f"{r['est_step_s']:.3f} s = max(compute {r['est_compute_s']:.3f} s, HBM "
+                     f"{r['est_memory_s']:.3f} s))")
     return lines, kv
 
 
@@ -242,11 +261,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per compile")
     ap.add_argument("--budget", type=float, default=float("inf"),
                     help="start no compile after this many seconds; the table shows what ran")
+    ap.add_argument("--only", choices=sorted({p for p, _ in MODELS}),
+                    help="only the rows of this preset (vit_l16: its three --quick rows); "
+                    "default: all")
     args = ap.parse_args()
     cache = pathlib.Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    todo = plan(args.quick)
+    todo = [row for row in plan(args.quick) if args.only in (None, row[0])]
     with futures.ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda row: run_row(row, cache, args.timeout, t0 + args.budget),
                              todo))
