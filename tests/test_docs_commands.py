@@ -21,11 +21,16 @@ run of README command (a), the tiles of docs/slides.md, ...). The rewrite table 
 - benchmarks and data generators -> the smallest sizes (EXTRA_ARGS, appended: the last value of
   a flag wins).
 Every command runs in a fresh process, as a user runs it (the test session's JAX compilation
-cache is shared, so programs compiled by earlier tests are not compiled again).
+cache is shared, so programs compiled by earlier tests are not compiled again). Two run at a time
+(CI has 2 cores; most of a command is a single-threaded jax import): a command waits for every
+earlier command whose folders overlap its own (`after`), so each still sees what the commands
+before it in the docs made, and no two commands write one folder at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import pathlib
 import re
 import shlex
@@ -157,6 +162,57 @@ def rewrite(cmd: dict, tmp: pathlib.Path, shared: pathlib.Path) -> list[str]:
     return [a.replace("/tmp/", f"{tmp}/").replace("../shared/data", str(shared)) for a in argv]
 
 
+WORKERS = 2  # commands at a time
+
+
+def _folders(argv: list[str], tmp: pathlib.Path) -> set[str]:
+    """The session-folder paths in `argv` (also `--key=PATH` and comma-separated values)."""
+    out = set()
+    for a in argv:
+        for value in re.split(r"[=,]", a):
+            if value == str(tmp) or value.startswith(f"{tmp}/"):
+                out.add(os.path.normpath(value))
+    return out
+
+
+def after(argvs: list[list[str]], tmp: pathlib.Path) -> list[set[int]]:
+    """For each command, the earlier ones it must wait for: those naming a path equal to, inside
+    or above one of its paths (read or written: which is which is not known, so any overlap
+    orders them as the docs do). Commands without session paths wait for nobody."""
+    folders = [_folders(a, tmp) for a in argvs]
+
+    def overlap(x: str, y: str) -> bool:
+        return x == y or x.startswith(y + "/") or y.startswith(x + "/")
+
+    return [{j for j in range(i) if any(overlap(x, y) for x in folders[i] for y in folders[j])}
+            for i in range(len(argvs))]
+
+
+def run_in_order(argvs: list[list[str]], deps: list[set[int]], run, workers: int = WORKERS
+                 ) -> list:
+    """`run(i)` for every i, `workers` at a time, each only once all of `deps[i]` have finished
+    (whatever their exit status); of the ready ones, the one most commands wait on goes first
+    (then document order). Returns the results in document order."""
+    waiting = [set() for _ in argvs]  # i -> the commands that wait on i, directly or not
+    for i in reversed(range(len(argvs))):
+        for j in deps[i]:
+            waiting[j] |= {i} | waiting[i]
+    results, running, done = [None] * len(argvs), {}, set()
+    todo = list(range(len(argvs)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        while todo or running:
+            ready = [i for i in todo if deps[i] <= done]
+            for i in sorted(ready, key=lambda i: (-len(waiting[i]), i))[:workers - len(running)]:
+                todo.remove(i)
+                running[pool.submit(run, i)] = i
+            finished, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+            for f in finished:
+                i = running.pop(f)
+                results[i] = f.result()
+                done.add(i)
+    return results
+
+
 def _run(argv: list[str], target: str) -> tuple[int, str]:
     """(exit status, output tail) of `python ARGV`, as a user runs it: a fresh process (the
     commands install signal handlers, leave with os._exit and start worker threads, none of
@@ -202,18 +258,43 @@ def test_rewrite_table():
     assert rewrite(cmd, tmp, shared)[:4] == ["-m", "launch.tpu", "run", "--dry-run"]
 
 
+def test_commands_wait_for_the_earlier_ones_they_share_a_folder_with():
+    """`after` orders two commands naming one folder (or one inside the other), in any flag
+    form; `run_in_order` starts a command only once those have finished."""
+    tmp = pathlib.Path("/x")
+    argvs = [["--out", "/x/a"], ["--workdir", "/x/b", "--config.data.path=/x/a/tiles"],
+             ["--dry-run", "/tmp/x/a"], ["--in=/x/c,/x/b"], ["--out", "/x"], ["--out", "/x/ab"]]
+    deps = after(argvs, tmp)
+    assert deps == [set(), {0}, set(), {1}, {0, 1, 3}, {4}]
+    finished, started = [], {}
+
+    def run(i):
+        started[i] = list(finished)
+        time.sleep(0.03)
+        finished.append(i)
+        return i
+
+    assert run_in_order(argvs, deps, run) == list(range(len(argvs)))
+    for i, before in started.items():
+        assert deps[i] <= set(before), (i, before)
+    assert len(started) == len(argvs)
+
+
 def test_documented_commands_run(tmp_path_factory, shared_data):
-    """Runs every unmarked command, in document order, with the rewrite table; all failures are
-    reported together."""
+    """Runs every unmarked command with the rewrite table, each after the earlier commands it
+    shares a folder with (the order of the docs); all failures are reported together."""
     tmp = tmp_path_factory.mktemp("docs")
-    failures, times = [], []
-    for c in all_commands():
-        if c["needs"] is not None:
-            continue
-        argv = rewrite(c, tmp, shared_data)
+    cmds = [c for c in all_commands() if c["needs"] is None]
+    argvs = [rewrite(c, tmp, shared_data) for c in cmds]
+
+    def run(i: int) -> tuple[int, str, float]:
         t0 = time.monotonic()
-        code, out = _run(argv, c["target"])
-        times.append(f"{time.monotonic() - t0:6.1f} s  {c['page']}:{c['line']}")
+        return (*_run(argvs[i], cmds[i]["target"]), time.monotonic() - t0)
+
+    failures, times = [], []
+    for c, argv, (code, out, seconds) in zip(cmds, argvs,
+                                            run_in_order(argvs, after(argvs, tmp), run)):
+        times.append(f"{seconds:6.1f} s  {c['page']}:{c['line']}")
         if code != c["expect"]:
             failures.append(f"{c['page']}:{c['line']}: exit {code}, expected {c['expect']}\n"
                             f"  documented: {c['text']}\n  ran: python {shlex.join(argv)}\n"

@@ -82,31 +82,51 @@ def test_objective_options_run(overrides):
         assert all(np.isfinite(v) for v in out.values()), out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.modle.variant=vit_s16"], 'Did you mean "model"'),
-    (["--config.batch_size=big"], "batch_size"),
-    (["--config.model.variant=vit_zz"], "model.variant"),
+# The misspelt key, a value of the wrong type and an unknown variant are cases of
+# tests/test_cli_errors.py (one line, exit 2, nothing created); these need the 8 test devices.
+BAD_CONFIGS = [
     (["--config.crops.local_size=20"], "crops.local_size"),
     (["--config.ssl.centering=median"], "ssl.centering"),
     (["--config.batch_size=7"], "batch_size"),  # 8 test devices
     (["--config.mesh.data=3"], "config.mesh"),
     (["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
       "--config.batch_size=6"], "data*fsdp=4"),
-])
-def test_bad_config_stops_before_work(tmp_path, args, message):
-    """As a user runs it: a fresh process, exit status 2, the key named, nothing written."""
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory):
+    """{case index: (completed process, workdir)}: every BAD_CONFIGS case as a user runs it, in
+    a fresh process, two at a time (most of each is the jax import)."""
+    import concurrent.futures
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "cfm.train", "--config", f"{ROOT}/configs/dino_vit.py:test",
-           "--workdir", str(tmp_path / "w")] + args
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    tmp = tmp_path_factory.mktemp("bad_config")
+
+    def run(i):
+        w = tmp / str(i) / "w"
+        cmd = [sys.executable, "-m", "cfm.train", "--config",
+               f"{ROOT}/configs/dino_vit.py:test", "--workdir", str(w)] + BAD_CONFIGS[i][0]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120), w
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(enumerate(pool.map(run, range(len(BAD_CONFIGS)))))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)),
+                         ids=[" ".join(a).replace("--config.", "") for a, _ in BAD_CONFIGS])
+def test_bad_config_stops_before_work(bad_config_runs, case):
+    """As a user runs it: a fresh process, exit status 2, the key named, nothing written."""
+    proc, w = bad_config_runs[case]
+    message = BAD_CONFIGS[case][1]
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert not (w / "checkpoints").exists()
 
 
 @functools.lru_cache(maxsize=1)
