@@ -16,8 +16,6 @@ from typing import Mapping
 
 import numpy as np
 from etils import epath
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
 
@@ -148,7 +146,10 @@ def plot_loss_curve(workdir: str, keys: tuple[str, ...] = (
     history = read_history(workdir)
     if not history:
         return None
-    # Drawn by the Agg backend directly, with no pyplot figure to close or global backend to set.
+    # Drawn by the Agg backend directly, with no pyplot figure to close or global backend to set;
+    # imported here, so that a run stopped by a bad config does not pay for matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     evals = sorted({k for h in history for k in h if k.endswith(EVAL_PANEL_SUFFIXES)})
     fig = Figure(figsize=(7, 6.5 if evals else 4), dpi=110)
     FigureCanvasAgg(fig)

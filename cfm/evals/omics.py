@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.impute import KNNImputer
 
 from cfm.data import omics_pipeline, omics_source
 from cfm.data.omics_records import PAD_ID
@@ -154,6 +153,7 @@ class MGMEvaluator(Evaluator):
         visible = [dict(h, gene_ids=np.where(self.batch["value_mask"][i],
                                              PAD_ID, h["gene_ids"]))
                    for i, h in enumerate(held)]
+        from sklearn.impute import KNNImputer  # here: a second of import for every cfm.train
         x_held = KNNImputer(n_neighbors=k, keep_empty_features=True).fit(x_train).transform(
             _matrix(visible, columns))
         mod, genes, truth = self._masked()

@@ -13,17 +13,17 @@ the same data.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from cfm.evals.base import Evaluator
 from cfm.evals.tile_sets import LabelledTiles
 from cfm.evaluate.metrics import accuracy, balanced_accuracy
 from cfm.finetune.probe import knn_predict
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 
 class TileFeatures:
@@ -49,9 +49,14 @@ def knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_t
     return {"top1": accuracy(y_test, pred), "balanced_accuracy": balanced_accuracy(y_test, pred)}
 
 
-def linear_probe(c: float = 1.0, max_iter: int = 1000) -> Pipeline:
+def linear_probe(c: float = 1.0, max_iter: int = 1000) -> "Pipeline":
     """The (unfitted) linear probe: z-scoring with the training side's mean and std, then
     multinomial logistic regression (L-BFGS, L2 penalty `c`); cfm.active refits it every round."""
+    # scikit-learn is imported here, not with the module: cfm.train imports this module, and
+    # importing scikit-learn costs every training process about a second.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
 
 
