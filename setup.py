@@ -39,9 +39,10 @@ setup(
         # mod and RDP accountant ([dp] = Google's dp-accounting); minor version pinned, the API
         # moves quickly.
         "federated": ["flwr[dp]>=1.42,<1.43"],
-        "test": ["pytest>=8.0", "scikit-image>=0.24", "openslide-python>=1.4",
-                 "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11", "pyarrow>=14",
-                 "anndata>=0.10", "flwr[dp]>=1.42,<1.43"],
+        # pytest-xdist: README command (b) runs the test files on two worker processes.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.24",
+                 "openslide-python>=1.4", "openslide-bin>=4.0", "tifffile>=2024.1", "scipy>=1.11",
+                 "pyarrow>=14", "anndata>=0.10", "flwr[dp]>=1.42,<1.43"],
         # scikit-image ships the real IHC image the README demo trains on; tensorboard serves
         # the curves of the README's `tensorboard --logdir` command.
         "demo": ["scikit-image>=0.24", "tensorboard>=2.16"],
