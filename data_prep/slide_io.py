@@ -16,6 +16,7 @@ LEVEL_MPP_TOLERANCE = 0.02
 # Thumbnail for tissue masks and QC: 4 um/px (about 16x below 0.25 um/px scans), <= 4096 px.
 THUMB_MPP = 4.0
 MAX_THUMB_SIDE = 4096
+THUMB_BLOCK_PX = 4096  # level pixels per side of one thumbnail read (~64 MB of RGB)
 
 
 class SlideError(Exception):
@@ -139,15 +140,26 @@ def tile_grid(width: int, height: int, footprint_x: float,
             for r in range(rows) for c in range(cols)]
 
 
+def reduce_region(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """[ceil(h / factor), ceil(w / factor), 3] uint8: the mean of each factor x factor box of
+    `pixels` (PIL's `Image.reduce`; the last row and column of boxes cut by the edge)."""
+    return pixels if factor == 1 else np.asarray(Image.fromarray(pixels).reduce(factor))
+
+
 def read_thumbnail(reader, mpp: tuple[float, float], blocks=None
                    ) -> tuple[Image.Image, float, float, float]:
     """(RGB thumbnail, its um/px, level-0 px per thumbnail px in x and y).
 
     Read block by block from the coarsest level at least as fine as the thumbnail, so memory
-    stays bounded (about 64 MB per block) even for single-level gigapixel images. With `blocks`
-    (a data_prep.tile_blocks.BlockReader) the reads go through it, and when the thumbnail comes
-    from level 0 and that level has at most `blocks.keep_pixels` pixels, the level is kept in
-    `blocks.level0` for the tiles (so it is decoded once).
+    stays bounded (about 64 MB per block) even for single-level gigapixel images. Each block is
+    box-reduced by the largest power of two (<= 16) that leaves at least 2x to go, then
+    resized bilinearly onto its exact part of the thumbnail (PIL's `reducing_gap` scheme, with
+    the reduction done by `reduce_region`). With `blocks` (a data_prep.tile_blocks.BlockReader)
+    the reads go through it, and the stored JPEG tiles of a direct level are reduced one by one
+    as they decode (the same pixels, without building the whole block in PIL: 3x faster on a
+    single-level slide); when the thumbnail comes from level 0 and that level has at most
+    `blocks.keep_pixels` pixels, the level is kept in `blocks.level0` for the tiles (so it is
+    decoded once).
     """
     width, height = reader.level_dimensions[0]
     thumb_mpp = max(THUMB_MPP, mpp[0], mpp[1], max(width * mpp[0], height * mpp[1])
@@ -158,29 +170,37 @@ def read_thumbnail(reader, mpp: tuple[float, float], blocks=None
     step_x, step_y = thumb_mpp / (mpp[0] * down), thumb_mpp / (mpp[1] * down)  # level px
     thumb_w = max(1, int(math.ceil(level_w / step_x - 1e-9)))
     thumb_h = max(1, int(math.ceil(level_h / step_y - 1e-9)))
+    factor = 1
+    while factor < 16 and 4 * factor <= min(step_x, step_y):
+        factor *= 2
     thumb = Image.new("RGB", (thumb_w, thumb_h), (255, 255, 255))
-    block = max(1, int(4096 / max(step_x, step_y)))
+    block = max(1, int(THUMB_BLOCK_PX / max(step_x, step_y)))  # thumbnail px
     keep = blocks is not None and level == 0 and level_w * level_h <= blocks.keep_pixels
     whole = block >= thumb_w and block >= thumb_h  # one read covers the level: keep it as is
     level0 = np.full((level_h, level_w, 3), 255, np.uint8) if keep and not whole else None
     for ty in range(0, thumb_h, block):
         for tx in range(0, thumb_w, block):
             tx1, ty1 = min(tx + block, thumb_w), min(ty + block, thumb_h)
-            lx0, ly0 = int(round(tx * step_x)), int(round(ty * step_y))
-            lx1 = max(lx0 + 1, min(int(round(tx1 * step_x)), level_w))
-            ly1 = max(ly0 + 1, min(int(round(ty1 * step_y)), level_h))
+            # The block's part of the level, exactly, and the factor-aligned region read for it.
+            bx0, by0 = tx * step_x, ty * step_y
+            bx1, by1 = min(tx1 * step_x, level_w), min(ty1 * step_y, level_h)
+            lx0, ly0 = int(bx0 // factor) * factor, int(by0 // factor) * factor
+            lx1 = min(level_w, -(-math.ceil(bx1 - 1e-9) // factor) * factor)
+            ly1 = min(level_h, -(-math.ceil(by1 - 1e-9) // factor) * factor)
             where = (int(round(lx0 * down)), int(round(ly0 * down)), level, lx1 - lx0, ly1 - ly0)
             if blocks is None:
                 region = reader.read(*where)
+                region = region.reduce(factor) if factor > 1 else region
             else:
-                pixels = blocks.read(*where, parallel=True)
+                pixels, small = blocks.read_reduced(*where, factor, full=keep)
                 if keep and whole:
-                    level0 = pixels[:level_h, :level_w]
+                    level0 = pixels
                 elif level0 is not None:
-                    part = level0[ly0:ly1, lx0:lx1]
-                    part[...] = pixels[:part.shape[0], :part.shape[1]]
-                region = Image.fromarray(pixels)
-            thumb.paste(region.resize((tx1 - tx, ty1 - ty), Image.BILINEAR), (tx, ty))
+                    level0[ly0:ly1, lx0:lx1] = pixels
+                region = Image.fromarray(small)
+            box = ((bx0 - lx0) / factor, (by0 - ly0) / factor, (bx1 - lx0) / factor,
+                   (by1 - ly0) / factor)
+            thumb.paste(region.resize((tx1 - tx, ty1 - ty), Image.BILINEAR, box=box), (tx, ty))
     if level0 is not None:
         blocks.level0 = level0
     return thumb, thumb_mpp, step_x * down, step_y * down

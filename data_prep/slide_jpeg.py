@@ -57,11 +57,16 @@ class JpegLevel:
 
     def tile(self, index: int) -> np.ndarray:
         """Stored tile `index` (row-major) decoded to [tile_h, tile_w, 3] uint8."""
+        return self._tile(index)[0]
+
+    def _tile(self, index: int) -> tuple[np.ndarray, Image.Image | None]:
+        """(pixels, the PIL image they came from, or None when they came from the cache)."""
         with self._lock:
             if index in self._cache:
                 self._cache.move_to_end(index)
-                return self._cache[index]
+                return self._cache[index], None
         if self.counts[index] == 0:  # sparse file: no data is glass
+            image = None
             pixels = np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
         else:
             handle = self._file()
@@ -74,12 +79,22 @@ class JpegLevel:
                 codec, extents, offset, args = image.tile[0]
                 image.tile = [ImageFile._Tile(codec, extents, offset, (args[0], self.mode))]
             image.load()
-            pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            pixels = np.asarray(image)
         with self._lock:
             self._cache[index] = pixels
             while len(self._cache) > self._limit:
                 self._cache.popitem(last=False)
-        return pixels
+        return pixels, image
+
+    def _reduced(self, index: int, box: tuple[int, int, int, int], factor: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(tile pixels, the tile's `box` (x0, y0, x1, y1, tile px) box-reduced by `factor`)."""
+        pixels, image = self._tile(index)
+        if image is None:
+            image = Image.fromarray(pixels)
+        return pixels, np.asarray(image.crop(box).reduce(factor))
 
     def read(self, x: int, y: int, width: int, height: int, pool=None) -> np.ndarray:
         """[height, width, 3] uint8 RGB from level pixel (x, y); outside the level is white.
@@ -111,6 +126,47 @@ class JpegLevel:
                 sx1, sy1 = min(x1, tx + self.tile_w), min(y1, ty + self.tile_h)
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = pixels[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
         return out
+
+
+    def read_reduced(self, x: int, y: int, width: int, height: int, factor: int, pool=None,
+                     full: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+        """(the region as `read` gives it when `full`, else None; the region box-reduced by
+        `factor`, [ceil(height / factor), ceil(width / factor), 3] uint8).
+
+        The reduction is PIL's `Image.reduce` (the mean of each factor x factor box, the last
+        row and column of boxes cut by the region's edge), done on each stored tile as it is
+        decoded, so the whole region never passes through a PIL image. That equals reducing the
+        region read whole when `factor` divides the tile size and `x` and `y`, and the region
+        ends on a multiple of `factor` or on the level's edge (it lies within the level).
+        """
+        if (self.tile_w % factor or self.tile_h % factor or x % factor or y % factor
+                or x < 0 or y < 0 or x + width > self.width or y + height > self.height):
+            raise ValueError("read_reduced: region not aligned to the reduction factor")
+        out = np.empty((height, width, 3), np.uint8) if full else None  # tiles cover it all
+        small = np.empty((-(-height // factor), -(-width // factor), 3), np.uint8)
+        keys = [(r, c) for r in range(y // self.tile_h, (y + height - 1) // self.tile_h + 1)
+                for c in range(x // self.tile_w, (x + width - 1) // self.tile_w + 1)]
+
+        def one(key):
+            r, c = key
+            tx, ty = c * self.tile_w, r * self.tile_h
+            sx0, sy0 = max(x, tx), max(y, ty)
+            sx1, sy1 = min(x + width, tx + self.tile_w), min(y + height, ty + self.tile_h)
+            box = (sx0 - tx, sy0 - ty, sx1 - tx, sy1 - ty)
+            pixels, reduced = self._reduced(r * self.cols + c, box, factor)
+            if out is not None:
+                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = pixels[box[1]:box[3], box[0]:box[2]]
+            oy, ox = (sy0 - y) // factor, (sx0 - x) // factor
+            small[oy:oy + reduced.shape[0], ox:ox + reduced.shape[1]] = reduced
+
+        if pool is not None and len(keys) > 1:  # one task per thread, as in `read`
+            parts = pool._max_workers
+            list(pool.map(lambda chunk: [one(key) for key in chunk],
+                          [keys[i::parts] for i in range(parts)]))
+        else:
+            for key in keys:
+                one(key)
+        return out, small
 
 
 def jpeg_levels(path: str, reader) -> dict[int, JpegLevel]:

@@ -114,6 +114,23 @@ class BlockReader:
                              self.pool if parallel else None)
         return self.reader.read_rgb(x, y, level, width, height)
 
+    def read_reduced(self, x: int, y: int, level: int, width: int, height: int, factor: int,
+                     full: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+        """`read`'s region (when `full`, else None) and that region box-reduced by `factor`
+        (`data_prep.slide_io.reduce_region`: x, y in `level` pixels multiples of it, the region
+        within the level), decoded on the threads: per stored tile on a direct JPEG level."""
+        from data_prep.slide_io import reduce_region
+
+        fast = self.fast.get(level)
+        step = int(round(self.reader.level_downsamples[level]))
+        kept = level == 0 and self.level0 is not None
+        if (fast is not None and not kept and x % (step * factor) == 0
+                and y % (step * factor) == 0 and fast.tile_w % factor == 0
+                and fast.tile_h % factor == 0):
+            return fast.read_reduced(x // step, y // step, width, height, factor, self.pool, full)
+        pixels = self.read(x, y, level, width, height, parallel=True)
+        return (pixels if full else None), reduce_region(pixels, factor)
+
     def close(self) -> None:
         """Stop the threads and close the direct decoders' files."""
         if self.pool is not None:

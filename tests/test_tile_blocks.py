@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_prep import tile_blocks, tile_wsi, tissue
-from data_prep.slide_io import open_slide, read_thumbnail, tile_grid
+from data_prep import slide_io, tile_blocks, tile_wsi, tissue
+from data_prep.slide_io import open_slide, read_thumbnail, reduce_region, tile_grid
 from data_prep.slide_jpeg import _agrees
 
 openslide = pytest.importorskip("openslide")
@@ -170,6 +170,48 @@ def test_direct_jpeg_levels_match_openslide(tmp_path, shared_data):
                                   np.asarray(reader.read(1000, 2900, 0, 400, 100)))
     assert blocks.aligned(0, [3], [5]) and not tile_blocks.BlockReader(
         open_slide(path), path).aligned(1, [3], [4])
+    blocks.close()
+
+
+def test_reduced_reads_equal_reducing_the_read(tmp_path, shared_data, monkeypatch):
+    # Reduced per stored tile as decoded == the region read whole, then reduced; edges of the
+    # level (partial boxes), regions that start inside a stored tile, three levels.
+    path = _jpeg_tiff(tmp_path / "jpeg.tiff")
+    reader = open_slide(path)
+    blocks = tile_blocks.BlockReader(reader, path, threads=2)
+    for level, (x, y, w, h), factor in [(0, (0, 0, 1300, 900), 4), (0, (128, 64, 333, 517), 8),
+                                        (1, (16, 0, 634, 450), 2), (2, (0, 0, 325, 225), 2)]:
+        down = int(reader.level_downsamples[level])
+        expected = np.asarray(reader.read(x * down, y * down, level, w, h))
+        full, small = blocks.fast[level].read_reduced(x, y, w, h, factor, blocks.pool, True)
+        np.testing.assert_array_equal(full, expected)
+        np.testing.assert_array_equal(small, reduce_region(expected, factor))
+        assert small.shape == (-(-h // factor), -(-w // factor), 3)
+    with pytest.raises(ValueError, match="not aligned"):
+        blocks.fast[0].read_reduced(3, 0, 8, 8, 2)
+    # The thumbnail (level 2, reduced by 2 as decoded) is OpenSlide's, pixel for pixel.
+    np.testing.assert_array_equal(np.asarray(read_thumbnail(reader, reader.mpp)[0]),
+                                  np.asarray(read_thumbnail(reader, reader.mpp, blocks)[0]))
+    blocks.close()
+    cmu = str(shared_data / "wsi" / "CMU-1-Small-Region.svs")  # level 0 reduced by 4, kept
+    reader = open_slide(cmu)
+    blocks = tile_blocks.BlockReader(reader, cmu, threads=2)
+    thumb = read_thumbnail(reader, reader.mpp, blocks)[0]
+    assert thumb.size == (277, 371)
+    np.testing.assert_array_equal(np.asarray(thumb),
+                                  np.asarray(read_thumbnail(reader, reader.mpp)[0]))
+    level0 = np.asarray(reader.read(0, 0, 0, 2220, 2967))
+    np.testing.assert_array_equal(blocks.level0, level0)
+    blocks.close()
+    # In 9 x 12 blocks (their regions overlap by up to 3 px, to start on multiples of 4): the
+    # same on both paths, and the kept level is whole.
+    monkeypatch.setattr(slide_io, "THUMB_BLOCK_PX", 256)
+    blocks = tile_blocks.BlockReader(reader, cmu, threads=2)
+    thumb = read_thumbnail(reader, reader.mpp, blocks)[0]
+    assert thumb.size == (277, 371)
+    np.testing.assert_array_equal(np.asarray(thumb),
+                                  np.asarray(read_thumbnail(reader, reader.mpp)[0]))
+    np.testing.assert_array_equal(blocks.level0, level0)
     blocks.close()
 
 
