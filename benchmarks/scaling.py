@@ -22,10 +22,10 @@ layers get only a ceiling (`<=`), since XLA's cost analysis counts one layer per
 `--quick` adds one unrolled ViT-g/14 compile for (c), and unrolled ViT-L/16 compiles with and
 without remat (reported after the targets). Last line: `name=value` pairs.
 
-Cost, on 2 cores: a compile that XLA refuses as over HBM stops after buffer assignment (30-70 s);
-one that fits goes on through code generation (15-17 min for ViT-g/14 with scanned layers); an
-unrolled ViT-g/14 compile did not finish in 22 min on a loaded machine. The full table is about
-60 compiles: hours on 2 cores; `--budget` stops starting new ones, and the cache lets a later run
+Cost, on 2 cores: a compile that XLA refuses as over HBM stops after buffer assignment (10-70 s);
+one that fits goes on through code generation (4-16 min for ViT-g/14 with scanned layers, 11.5
+min unrolled); `--quick --only vit_g14 --jobs 2` took 17 min. The full table is about 60
+compiles: hours on 2 cores; `--budget` stops starting new ones, and the cache lets a later run
 carry on.
 """
 
