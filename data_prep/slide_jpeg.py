@@ -127,7 +127,6 @@ class JpegLevel:
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = pixels[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
         return out
 
-
     def read_reduced(self, x: int, y: int, width: int, height: int, factor: int, pool=None,
                      full: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
         """(the region as `read` gives it when `full`, else None; the region box-reduced by

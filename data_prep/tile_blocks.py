@@ -22,6 +22,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from data_prep.slide_io import reduce_region
 from data_prep.slide_jpeg import jpeg_levels
 
 MAX_RUN = 8  # tiles per block: 8 x 224 px wide reads
@@ -119,8 +120,6 @@ class BlockReader:
         """`read`'s region (when `full`, else None) and that region box-reduced by `factor`
         (`data_prep.slide_io.reduce_region`: x, y in `level` pixels multiples of it, the region
         within the level), decoded on the threads: per stored tile on a direct JPEG level."""
-        from data_prep.slide_io import reduce_region
-
         fast = self.fast.get(level)
         step = int(round(self.reader.level_downsamples[level]))
         kept = level == 0 and self.level0 is not None
