@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -67,8 +68,13 @@ def atomic_folder(dest: str) -> Iterator[str]:
     dest = os.path.abspath(dest)
     parent, base = os.path.dirname(dest), os.path.basename(dest)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    # Named before it is made, with this process's id, so no other process can pick the name:
+    # a Stopped (SIGTERM) that lands right after the mkdir still finds `tmp` for the clean-up.
+    # With tempfile.mkdtemp it could land between the mkdir and the name reaching this frame
+    # and leave the folder behind (seen once in tests/test_signals.py, on a loaded machine).
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
     try:
+        os.mkdir(tmp, 0o700)
         yield tmp
         umask_modes(tmp)
         fsync_dir(tmp)
