@@ -22,16 +22,27 @@ from typing import Iterator
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     """SIGTERM and SIGINT wait until the block ends (a signal between moving the old folder
-    aside and renaming the new one in would leave the destination missing); main thread only."""
+    aside and renaming the new one in would leave the destination missing); main thread only.
+
+    Held by swapping their Python handlers for one that notes them, then raising the noted
+    signals again after the block. Blocking them with pthread_sigmask held nothing once other
+    threads ran (JAX's): the kernel gives the signal to a thread that does not block it, and
+    Python runs the handler in the main thread at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    previous = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(s) is not None:  # None: a handler set outside Python, left alone
+            previous[s] = signal.signal(s, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(noted):  # each signal once, in the order they came
+            signal.raise_signal(s)
 
 
 def fsync_dir(path: str) -> None:
@@ -73,13 +84,15 @@ def atomic_folder(dest: str) -> Iterator[str]:
     # With tempfile.mkdtemp it could land between the mkdir and the name reaching this frame
     # and leave the folder behind (seen once in tests/test_signals.py, on a loaded machine).
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+    old, swapped = None, False
     try:
         os.mkdir(tmp, 0o700)
         yield tmp
         umask_modes(tmp)
         fsync_dir(tmp)
-        old = None
-        with _signals_held():  # the swap: old folder aside, new one in, as one step
+        # The swap: old folder aside, new one in, as one step. A signal that came meanwhile is
+        # raised as the block ends, so the clean-up of the old folder is in `finally`.
+        with _signals_held():
             if os.path.isdir(dest) and not os.path.islink(dest) and not os.listdir(dest):
                 os.rmdir(dest)
             elif os.path.lexists(dest):
@@ -87,13 +100,14 @@ def atomic_folder(dest: str) -> Iterator[str]:
                 os.replace(dest, os.path.join(old, "x"))
             try:
                 os.replace(tmp, dest)
+                swapped = True
             except BaseException:
                 if old is not None:  # put the old folder back
                     os.replace(os.path.join(old, "x"), dest)
                     shutil.rmtree(old, ignore_errors=True)
                 raise
         fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        if swapped and old is not None:  # the new folder is in: the old one can go
+            shutil.rmtree(old, ignore_errors=True)
