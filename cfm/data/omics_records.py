@@ -19,16 +19,16 @@ A fixed magic and explicit lengths keep the format readable without pickle, in a
 
 from __future__ import annotations
 
-import json
 import struct
 
 import numpy as np
+
+from cfm.data.records import pack_header, unpack_header
 
 MAGIC = b"CFMO"
 MODALITIES = ("expression", "mutation", "cnv")
 N_CLASSES = {"mutation": 2, "cnv": 5}  # expression: the prepared folder's n_bins
 PAD_ID, CLS_ID = 0, 1  # reserved gene ids; genes start at 2
-_HEAD = struct.Struct("<4sI")
 _N = struct.Struct("<I")
 _FIELDS = (("gene_ids", "<i4"), ("modality", "u1"), ("values", "<f4"), ("classes", "u1"))
 
@@ -43,22 +43,15 @@ def encode_sample(meta: dict, gene_ids, modality, values, classes) -> bytes:
                          f"{[a.shape for a in arrays]}")
     if not np.all(np.isfinite(arrays[2])):
         raise ValueError(f"omics record {meta.get('sample_id')!r}: values must be finite")
-    payload = json.dumps(meta, sort_keys=True, separators=(",", ":"),
-                         allow_nan=False).encode("utf-8")
-    return b"".join([_HEAD.pack(MAGIC, len(payload)), payload, _N.pack(n)]
-                    + [a.tobytes() for a in arrays])
+    return b"".join([pack_header(MAGIC, meta), _N.pack(n)] + [a.tobytes() for a in arrays])
 
 
 def decode_sample(record: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """(metadata, {gene_ids, modality, values, classes}) from one record; ValueError if bad."""
     record = bytes(record)
-    if len(record) < _HEAD.size or record[:4] != MAGIC:
-        raise ValueError(f"not an omics record (magic {record[:4]!r}, expected {MAGIC!r})")
-    _, j = _HEAD.unpack_from(record)
-    start = _HEAD.size + j
+    meta, start = unpack_header(record, MAGIC, "omics")
     if len(record) < start + _N.size:
         raise ValueError("omics record truncated in its header")
-    meta = json.loads(record[_HEAD.size:start].decode("utf-8"))
     (n,) = _N.unpack_from(record, start)
     offset = start + _N.size
     out = {}

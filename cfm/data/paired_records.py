@@ -13,15 +13,14 @@ in a record. `coords` are the tiles' level-0 (x, y) in tile units.
 
 from __future__ import annotations
 
-import json
 import struct
 
 import numpy as np
 
 from cfm.data.omics_records import decode_sample, encode_sample
+from cfm.data.records import pack_header, unpack_header
 
 MAGIC = b"CFMP"
-_HEAD = struct.Struct("<4sI")
 _SIZES = struct.Struct("<II")
 
 
@@ -37,22 +36,18 @@ def encode_pair(meta: dict, bag: np.ndarray, coords: np.ndarray, omics: dict) ->
                          f"{bag.shape}")
     if not np.all(np.isfinite(bag)):
         raise ValueError(f"pair {meta.get('pair')!r}: tile embeddings must be finite")
-    payload = json.dumps(meta, sort_keys=True, separators=(",", ":"),
-                         allow_nan=False).encode("utf-8")
     om = encode_sample({"sample_id": str(meta.get("pair"))},
                        *(omics[k] for k in ("gene_ids", "modality", "values", "classes")))
-    return b"".join([_HEAD.pack(MAGIC, len(payload)), payload, _SIZES.pack(*bag.shape),
-                     bag.tobytes(), coords.tobytes(), om])
+    return b"".join([pack_header(MAGIC, meta), _SIZES.pack(*bag.shape), bag.tobytes(),
+                     coords.tobytes(), om])
 
 
 def decode_pair(record: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """(metadata, {bag, coords, gene_ids, modality, values, classes}); ValueError if bad."""
     record = bytes(record)
-    if len(record) < _HEAD.size or record[:4] != MAGIC:
-        raise ValueError(f"not a pair record (magic {record[:4]!r}, expected {MAGIC!r})")
-    _, j = _HEAD.unpack_from(record)
-    start = _HEAD.size + j
-    meta = json.loads(record[_HEAD.size:start].decode("utf-8"))
+    meta, start = unpack_header(record, MAGIC, "pair")
+    if len(record) < start + _SIZES.size:
+        raise ValueError(f"pair record {meta.get('pair')!r} truncated in its bag size")
     t, d = _SIZES.unpack_from(record, start)
     offset = start + _SIZES.size
     end = offset + 4 * t * d + 8 * t
