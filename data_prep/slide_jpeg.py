@@ -106,22 +106,13 @@ class JpegLevel:
         x1, y1 = min(x + width, self.width), min(y + height, self.height)
         rows = range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1 if y1 > y0 else 0)
         cols = range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1 if x1 > x0 else 0)
-        if pool is not None and len(rows) * len(cols) > 1:
-            # One task per thread, not per tile: fewer GIL hand-overs between short decodes.
-            keys = [(r, c) for r in rows for c in cols]
-            parts = pool._max_workers
-            chunks = [keys[i::parts] for i in range(parts)]
-            decoded = pool.map(lambda chunk: [self.tile(r * self.cols + c) for r, c in chunk],
-                               chunks)
-            tiles = {key: pixels for chunk, part in zip(chunks, decoded)
-                     for key, pixels in zip(chunk, part)}
-        else:
-            tiles = None
+        tiles = _each(pool, [(r, c) for r in rows for c in cols],
+                      lambda key: self.tile(key[0] * self.cols + key[1]))
         for row in rows:
             ty = row * self.tile_h
             for col in cols:
                 tx = col * self.tile_w
-                pixels = tiles[row, col] if tiles else self.tile(row * self.cols + col)
+                pixels = tiles[row, col]
                 sx0, sy0 = max(x0, tx), max(y0, ty)
                 sx1, sy1 = min(x1, tx + self.tile_w), min(y1, ty + self.tile_h)
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = pixels[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
@@ -138,8 +129,7 @@ class JpegLevel:
         region read whole when `factor` divides the tile size and `x` and `y`, and the region
         ends on a multiple of `factor` or on the level's edge (it lies within the level).
         """
-        if (self.tile_w % factor or self.tile_h % factor or x % factor or y % factor
-                or x < 0 or y < 0 or x + width > self.width or y + height > self.height):
+        if not self.reducible(x, y, width, height, factor):
             raise ValueError("read_reduced: region not aligned to the reduction factor")
         out = np.empty((height, width, 3), np.uint8) if full else None  # tiles cover it all
         small = np.empty((-(-height // factor), -(-width // factor), 3), np.uint8)
@@ -158,14 +148,26 @@ class JpegLevel:
             oy, ox = (sy0 - y) // factor, (sx0 - x) // factor
             small[oy:oy + reduced.shape[0], ox:ox + reduced.shape[1]] = reduced
 
-        if pool is not None and len(keys) > 1:  # one task per thread, as in `read`
-            parts = pool._max_workers
-            list(pool.map(lambda chunk: [one(key) for key in chunk],
-                          [keys[i::parts] for i in range(parts)]))
-        else:
-            for key in keys:
-                one(key)
+        _each(pool, keys, one)
         return out, small
+
+    def reducible(self, x: int, y: int, width: int, height: int, factor: int) -> bool:
+        """Whether `read_reduced` takes this region: within the level, `factor` dividing the
+        tile size, `x` and `y`."""
+        return not (self.tile_w % factor or self.tile_h % factor or x % factor or y % factor
+                    or x < 0 or y < 0 or x + width > self.width or y + height > self.height)
+
+
+def _each(pool, keys: list, fn) -> dict:
+    """{key: fn(key)} for every key: on `pool`'s threads (an executor not running this call) in
+    one task per thread, not per key, for fewer GIL hand-overs between short decodes; here,
+    in order, without a pool or with one key."""
+    if pool is None or len(keys) < 2:
+        return {key: fn(key) for key in keys}
+    parts = pool._max_workers
+    chunks = [keys[i::parts] for i in range(parts)]
+    done = pool.map(lambda chunk: [fn(key) for key in chunk], chunks)
+    return {key: value for chunk, part in zip(chunks, done) for key, value in zip(chunk, part)}
 
 
 def jpeg_levels(path: str, reader) -> dict[int, JpegLevel]:

@@ -123,9 +123,8 @@ class BlockReader:
         fast = self.fast.get(level)
         step = int(round(self.reader.level_downsamples[level]))
         kept = level == 0 and self.level0 is not None
-        if (fast is not None and not kept and x % (step * factor) == 0
-                and y % (step * factor) == 0 and fast.tile_w % factor == 0
-                and fast.tile_h % factor == 0):
+        if (fast is not None and not kept and x % step == 0 and y % step == 0
+                and fast.reducible(x // step, y // step, width, height, factor)):
             return fast.read_reduced(x // step, y // step, width, height, factor, self.pool, full)
         pixels = self.read(x, y, level, width, height, parallel=True)
         return (pixels if full else None), reduce_region(pixels, factor)
