@@ -48,15 +48,14 @@ import csv
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image, ImageDraw, ImageFilter
 
 from cfm import cli_help
+from cfm.atomic import atomic_folder
 from cfm.data.records import encode_tile
 from cfm.explain.heatmap import CLASS_COLOURS
 from cfm.finetune.tme import tme_scores
@@ -293,18 +292,8 @@ def generate(out: str, seed: int = 0, tile_size: int = 64, mpp: float = 1.0, pat
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder or "
                               "pass --overwrite")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        counts = _generate(tmp, seed, tile_size, mpp, patients, tiles_per_class, slides, grid)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return counts
+    with atomic_folder(out) as tmp:  # the whole folder or nothing; --overwrite swaps it in
+        return _generate(tmp, seed, tile_size, mpp, patients, tiles_per_class, slides, grid)
 
 
 def _generate(tmp: str, seed: int, tile_size: int, mpp: float, patients: int,
